@@ -1,0 +1,21 @@
+"""interp: mechanistic interpretability of fine-tuning.
+
+    import interp
+    pair = interp.load_pair("zoo:base", "zoo:lora-r8")
+    acts = interp.capture(pair.tuned, prompts, interp.every_layer("resid_post", pair.tuned.n_layers))
+    with pair.tuned.edit(interp.add("resid_post.2", v, scale=2.0)):
+        interp.generate(pair.tuned, prompts)
+"""
+
+from interp.capture import Activations, capture
+from interp.errors import InterpError
+from interp.intervene import ablate, add, project_onto, project_out, replace, scale
+from interp.models import CheckpointSeries, Model, Pair, load_model, load_pair, load_series
+from interp.prompts import read_prompts, tokenize
+from interp.sites import EMBED, FINAL, Site, every_layer, site
+
+__all__ = [
+    "Activations", "capture", "InterpError", "ablate", "add", "project_onto", "project_out", "replace", "scale",
+    "CheckpointSeries", "Model", "Pair", "load_model", "load_pair", "load_series", "read_prompts", "tokenize",
+    "EMBED", "FINAL", "Site", "every_layer", "site",
+]

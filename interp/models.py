@@ -1,0 +1,340 @@
+"""Loading models and pairs: hub ids, local Hugging Face folders, PEFT adapters, zoo names, checkpoint series.
+
+A `Model` is a Hugging Face causal LM plus its tokenizer, frozen and in eval mode, with lazily built
+backends (`bridge`: TransformerLens `TransformerBridge`; `nnsight`: an `NNsight` wrapper). Both share
+the same weight tensors. Edits made active with `model.edit(...)` apply to every run through either backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from interp.errors import CorruptWeights, IncompatibleModels, ModelNotFound, UnsupportedEdit
+
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+@dataclass(eq=False)
+class Model:
+    """A frozen causal LM with its tokenizer. `backend` is the default for capture and interventions."""
+
+    hf: nn.Module
+    tokenizer: object
+    name: str
+    backend: str = "bridge"
+    edits: list = field(default_factory=list)
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def d_head(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+
+    @property
+    def n_ctx(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @cached_property
+    def bridge(self):
+        """TransformerBridge over a structural copy of `hf` that shares its weight tensors (the bridge
+        rewires the module tree it boots on; the copy keeps `hf` intact for nnsight and weight access)."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if type(self.hf).__name__.startswith("Peft"):
+            raise UnsupportedEdit(f"{self.name}: the bridge backend needs a merged adapter; "
+                                  f"load with merge=True or use backend='nnsight'")
+        shared = {id(t): t for t in [*self.hf.parameters(), *self.hf.buffers()]}
+        twin = copy.deepcopy(self.hf, memo=shared)
+        bridge = TransformerBridge.boot_transformers(self.name, hf_model=twin, tokenizer=self.tokenizer,
+                                                     device=self.device, dtype=self.dtype)
+        bridge.eval()
+        return bridge
+
+    @cached_property
+    def nnsight(self):
+        from nnsight import NNsight
+
+        return NNsight(self.hf)
+
+    @cached_property
+    def architecture(self):
+        from interp.backends.nnsight_backend import architecture
+
+        return architecture(self.hf)
+
+    @contextmanager
+    def edit(self, *edits):
+        """Apply `edits` (from `interp.intervene`) to every forward, loss and generation inside the block."""
+        start = len(self.edits)
+        self.edits.extend(edits)
+        try:
+            yield self
+        finally:
+            del self.edits[start:]
+
+    def fingerprint(self) -> str:
+        """Short content hash of the weights, for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256(self.name.encode())
+        for name, p in self.hf.state_dict().items():
+            h.update(name.encode())
+            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+            h.update(str(float(p.detach().float().sum())).encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.hf.parameters())
+        return (f"Model({self.name!r}: {type(self.hf).__name__}, {self.n_layers} layers, d_model {self.d_model}, "
+                f"{self.n_heads} heads x {self.d_head}, vocab {self.config.vocab_size}, {n_params / 1e6:.2f}M params, "
+                f"{self.dtype}, {self.device}, backend {self.backend})")
+
+
+def load_model(spec: str | Path, *, base: str | Path | None = None, device: str = "auto",
+               dtype: str | torch.dtype = "float32", merge: bool = True, backend: str = "bridge",
+               requires_grad: bool = False) -> Model:
+    """Load a model from a zoo name (`zoo:base`), a local HF folder, a PEFT adapter folder (on `base`, or
+    the base its adapter_config names), or a hub id (needs hub access). Frozen, eval mode, on `device`."""
+    spec = str(spec)
+    torch_dtype = resolve_dtype(dtype)
+    folder, adapter = _resolve(spec, base)
+    hf = _load_hf(folder, torch_dtype)
+    tokenizer = _load_tokenizer(folder)
+    if adapter is not None:
+        hf = _apply_adapter(hf, adapter, merge)
+    hf.to(resolve_device(device)).eval()
+    hf.requires_grad_(requires_grad)
+    return Model(hf, tokenizer, spec, backend=backend)
+
+
+def _resolve(spec: str, base: str | Path | None) -> tuple[str, Path | None]:
+    """(model folder or hub id, adapter folder or None)."""
+    if spec.startswith(ZOO_PREFIX):
+        from interp import zoo
+
+        name = spec[len(ZOO_PREFIX):]
+        path = _zoo_path(zoo, name)
+        if zoo.is_lora(name):
+            return str(_zoo_path(zoo, "base")), path
+        return str(path), None
+    path = Path(spec).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base_spec = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelNotFound(f"adapter {path} names no base model; pass base=... (--base)")
+        base_folder, base_adapter = _resolve(str(base_spec), None)
+        if base_adapter is not None:
+            raise ModelNotFound(f"adapter {path}: its base {base_spec} is itself an adapter; merge it first")
+        return base_folder, path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{path} has no config.json; pass a Hugging Face model folder, a PEFT adapter "
+                                f"folder, a hub id or a zoo name (zoo:base)")
+        return str(path), None
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFound(f"model folder {spec} does not exist; check the path")
+    return spec, None
+
+
+def _zoo_path(zoo, name: str) -> Path:
+    from interp.errors import ZooModelNotBuilt
+
+    if name not in zoo.MODEL_NAMES:
+        raise ModelNotFound(f"unknown zoo model {name!r}; the zoo has {', '.join(zoo.MODEL_NAMES)}")
+    path = zoo.zoo_dir() / name
+    if not path.is_dir():
+        raise ZooModelNotBuilt(f"zoo model {name!r} is not built yet; run `interp zoo build`")
+    return path
+
+
+def _load_hf(folder: str, dtype: torch.dtype) -> nn.Module:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    except SafetensorError as e:
+        raise CorruptWeights(f"weights in {folder} cannot be read ({e}); re-save or re-download them") from None
+    except OSError as e:
+        if Path(folder).is_dir():
+            raise CorruptWeights(f"weights in {folder} cannot be read ({str(e).splitlines()[0]})") from None
+        raise ModelNotFound(f"cannot load {folder!r}: not a local folder, and the hub did not give it "
+                            f"({str(e).splitlines()[0]})") from None
+
+
+def _load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _apply_adapter(hf: nn.Module, adapter: Path, merge: bool) -> nn.Module:
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(hf, str(adapter))
+    except Exception as e:  # peft raises many types for unreadable adapters
+        raise CorruptWeights(f"adapter {adapter} cannot be applied ({type(e).__name__}: {e})") from None
+    return model.merge_and_unload() if merge else model
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+COMPARED_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                   "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "head_dim")
+
+
+@dataclass(eq=False)
+class Pair:
+    """A pre-trained `base` and a fine-tuned `tuned` model of the same architecture and tokenizer."""
+
+    base: Model
+    tuned: Model
+
+    @property
+    def models(self) -> tuple[Model, Model]:
+        return self.base, self.tuned
+
+    def changed_parameters(self) -> dict[str, float]:
+        """Relative Frobenius change ||W_t - W_b|| / ||W_b|| of every parameter that differs."""
+        base = dict(self.base.hf.named_parameters())
+        out = {}
+        for name, p in self.tuned.hf.named_parameters():
+            diff = (p.detach().float() - base[name].detach().float()).norm()
+            if diff > 0:
+                out[name] = float(diff / base[name].detach().float().norm().clamp_min(1e-12))
+        return out
+
+    def __repr__(self) -> str:
+        changed = self.changed_parameters()
+        n_total = sum(1 for _ in self.base.hf.parameters())
+        top = max(changed.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        return (f"Pair(\n  base  = {self.base!r}\n  tuned = {self.tuned!r}\n"
+                f"  differs in {len(changed)}/{n_total} parameter tensors; largest relative change "
+                f"{top[1]:.3g} at {top[0]}\n)")
+
+
+def check_compatible(base: Model, tuned: Model) -> None:
+    """Raise IncompatibleModels naming every field in which the two models differ."""
+    problems = []
+    for key in COMPARED_FIELDS:
+        a, b = getattr(base.config, key, None), getattr(tuned.config, key, None)
+        if a != b:
+            problems.append(f"{key}: base {a}, tuned {b}")
+    if type(base.hf).__name__ != type(tuned.hf).__name__:
+        problems.append(f"class: base {type(base.hf).__name__}, tuned {type(tuned.hf).__name__}")
+    if base.tokenizer.get_vocab() != tuned.tokenizer.get_vocab():
+        problems.append("tokenizer: vocabularies differ")
+    if problems:
+        raise IncompatibleModels(f"{base.name} and {tuned.name} differ ({'; '.join(problems)}); "
+                                 f"pass a tuned model fine-tuned from this base")
+
+
+def load_pair(base: str | Path | Model, tuned: str | Path | Model, **kwargs) -> Pair:
+    """Load base and tuned (PEFT adapters are applied on `base`) and check they are compatible."""
+    base_model = base if isinstance(base, Model) else load_model(base, **kwargs)
+    tuned_model = tuned if isinstance(tuned, Model) else load_model(tuned, base=_base_spec(base), **kwargs)
+    check_compatible(base_model, tuned_model)
+    return Pair(base_model, tuned_model)
+
+
+def _base_spec(base) -> str | None:
+    return None if isinstance(base, Model) else str(base)
+
+
+# ---------------------------------------------------------------------------------- checkpoint series
+
+@dataclass
+class CheckpointSeries:
+    """Checkpoints of one training run, ordered by step, loaded lazily one at a time."""
+
+    paths: list[Path]
+    steps: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[tuple[int, Path]]:
+        return iter(zip(self.steps, self.paths))
+
+    def models(self, **kwargs) -> Iterator[tuple[int, Model]]:
+        """Yield (step, model), loading each only when reached and dropping it before the next."""
+        for step, path in self:
+            yield step, load_model(path, **kwargs)
+
+
+def load_series(spec: str | Path | Sequence[str | Path]) -> CheckpointSeries:
+    """A folder of checkpoint folders (names ending in a step number, e.g. `step-0050`, `checkpoint-50`),
+    `zoo:series`, or an explicit list of folders (kept in the given order)."""
+    if isinstance(spec, (str, Path)):
+        spec = str(spec)
+        if spec.startswith(ZOO_PREFIX):
+            from interp import zoo
+
+            spec = str(_zoo_path(zoo, spec[len(ZOO_PREFIX):]))
+        root = Path(spec)
+        if not root.is_dir():
+            raise ModelNotFound(f"checkpoint series folder {root} does not exist")
+        found = [(int(m.group(1)), p) for p in root.iterdir()
+                 if p.is_dir() and (m := re.search(r"(\d+)$", p.name)) and (p / "config.json").is_file()]
+        if not found:
+            raise ModelNotFound(f"{root} holds no checkpoint folders named like step-100 with a config.json")
+        found.sort()
+        return CheckpointSeries([p for _, p in found], [s for s, _ in found])
+    paths = [Path(p) for p in spec]
+    for p in paths:
+        if not p.is_dir():
+            raise ModelNotFound(f"checkpoint folder {p} does not exist")
+    return CheckpointSeries(paths, list(range(len(paths))))

@@ -1,0 +1,183 @@
+"""Prompt sets: reading prompt files, tokenising once, and batching with padding.
+
+Tokens are kept in the canonical layout: right-padded, position 0 is each prompt's first token.
+A `Batch` lays a slice of them out the way the model wants (left or right padding) and converts
+activations back to the canonical layout, so every result is indexed the same way whatever the padding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from interp.errors import BadPrompts, PromptTooLong
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or JSON lines (a string, or an object with "prompt"/"text")."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadPrompts(f"prompt file {path} does not exist; pass a .txt (one prompt per line) or .jsonl file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        lines = [_jsonl_prompt(path, n, line) for n, line in enumerate(lines, 1)]
+    if not lines:
+        raise BadPrompts(f"prompt file {path} is empty; write one prompt per line")
+    return lines
+
+
+def _jsonl_prompt(path: Path, line_no: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadPrompts(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+    if isinstance(record, str):
+        return record
+    for key in ("prompt", "text"):
+        if isinstance(record, dict) and isinstance(record.get(key), str):
+            return record[key]
+    raise BadPrompts(f"{path}:{line_no} has no string field 'prompt' or 'text'")
+
+
+@dataclass
+class Tokens:
+    """A tokenised prompt set in canonical layout. `ids` [prompt, pos] right-padded with `pad_id`."""
+
+    ids: Int[Tensor, "prompt pos"]
+    lengths: Int[Tensor, " prompt"]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def mask(self) -> Bool[Tensor, "prompt pos"]:
+        """True at real (non-pad) tokens."""
+        return torch.arange(self.ids.shape[1]) < self.lengths[:, None]
+
+    def batches(self, batch_size: int, padding_side: str = "right") -> Iterator[Batch]:
+        """Consecutive batches, each trimmed to its longest prompt and padded on `padding_side`."""
+        for start in range(0, len(self), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self)))
+            yield self.batch(index, padding_side)
+
+    def batch(self, index: Int[Tensor, " batch"], padding_side: str = "right") -> Batch:
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        ids = self.ids[index, :width]
+        batch = Batch(ids, lengths, index, padding_side, self.pad_id)
+        batch.input_ids = batch.from_canonical(ids, fill=self.pad_id)
+        return batch
+
+
+def tokenize(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], max_length: int | None = None) -> Tokens:
+    """Tokenise once. `prompts` are strings or lists of token ids. Raises PromptTooLong past `max_length`."""
+    if len(prompts) == 0:
+        raise BadPrompts("no prompts given; pass at least one prompt")
+    if isinstance(prompts[0], str):
+        encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    else:
+        encoded = [list(map(int, p)) for p in prompts]
+    for n, ids in enumerate(encoded):
+        if not ids:
+            raise BadPrompts(f"prompt {n} tokenises to nothing: {str(prompts[n])[:60]!r}")
+        if max_length is not None and len(ids) > max_length:
+            raise PromptTooLong(
+                f"prompt {n} has {len(ids)} tokens but the model's context is {max_length}; "
+                f"shorten it (starts {str(prompts[n])[:40]!r})")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    padded = torch.full((len(encoded), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    return Tokens(padded, lengths, pad_id)
+
+
+@dataclass
+class Batch:
+    """A batch of prompts laid out for the model. `index` are the prompts' rows in their `Tokens`."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    index: Int[Tensor, " batch"]
+    padding_side: str
+    pad_id: int
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def offsets(self) -> Int[Tensor, " batch"]:
+        """Column of each prompt's first token in the model layout (0 unless left-padded)."""
+        if self.padding_side == "left":
+            return self.width - self.lengths
+        return torch.zeros_like(self.lengths)
+
+    @property
+    def attention_mask(self) -> Int[Tensor, "batch pos"]:
+        cols = torch.arange(self.width)[None] - self.offsets[:, None]
+        return ((cols >= 0) & (cols < self.lengths[:, None])).long()
+
+    @property
+    def position_ids(self) -> Int[Tensor, "batch pos"]:
+        """Positions counted from each prompt's first token (pads get 0), as HF needs with left padding."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def to_canonical(self, t: Tensor, pos_dim: int = 1) -> Tensor:
+        """Model layout -> canonical (right-padded) along `pos_dim`; pad positions hold arbitrary values."""
+        if self.padding_side != "left":
+            return t
+        cols = (torch.arange(self.width)[None] + self.offsets[:, None]).clamp(max=self.width - 1)
+        return _gather_pos(t, cols, pos_dim)
+
+    def from_canonical(self, t: Tensor, pos_dim: int = 1, fill: float = 0) -> Tensor:
+        """Canonical -> model layout along `pos_dim`; pad positions get `fill`."""
+        if self.padding_side != "left":
+            return t
+        cols = (torch.arange(self.width)[None] - self.offsets[:, None]).clamp(min=0)
+        out = _gather_pos(t, cols, pos_dim)
+        pads = _along(self.attention_mask == 0, out.dim(), pos_dim).to(t.device)
+        return out.masked_fill(pads, fill)
+
+    def positions_mask(self, positions: PositionSpec) -> Bool[Tensor, "batch pos"]:
+        """Canonical-layout mask [batch, pos] of the positions an edit or a capture selects, pads excluded."""
+        real = torch.arange(self.width)[None] < self.lengths[:, None]
+        if positions is None or positions == "all":
+            return real
+        if positions == "last":
+            positions = [-1]
+        if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+            chosen = positions[self.index, : self.width]
+            if chosen.shape[1] < self.width:
+                chosen = torch.nn.functional.pad(chosen, (0, self.width - chosen.shape[1]))
+            return chosen & real
+        cols = torch.as_tensor(positions if not isinstance(positions, int) else [positions])
+        absolute = torch.where(cols[None] < 0, self.lengths[:, None] + cols[None], cols[None])
+        chosen = torch.zeros_like(real)
+        inside = (absolute >= 0) & (absolute < self.lengths[:, None])
+        rows = torch.arange(len(self.lengths))[:, None].expand_as(absolute)
+        chosen[rows[inside], absolute[inside]] = True
+        return chosen
+
+
+PositionSpec = "str | int | Sequence[int] | Bool[Tensor, 'prompt pos'] | None"
+
+
+def _along(x: Tensor, ndim: int, pos_dim: int) -> Tensor:
+    """Reshape a [batch, pos] tensor to broadcast against an `ndim` tensor whose positions are at `pos_dim`."""
+    shape = [1] * ndim
+    shape[0], shape[pos_dim] = x.shape
+    return x.reshape(shape)
+
+
+def _gather_pos(t: Tensor, cols: Int[Tensor, "batch pos"], pos_dim: int) -> Tensor:
+    """out[b, ..., p, ...] = t[b, ..., cols[b, p], ...] along `pos_dim`."""
+    idx = _along(cols.to(t.device), t.dim(), pos_dim)
+    return t.gather(pos_dim, idx.expand_as(t))
