@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-weight local models of three architectures researchers use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 96
+CONTEXT = 32
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<bos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<bos>",
+                                   unk_token="<pad>")
+
+
+def random_model(arch: str, seed: int = 0, **overrides):
+    """A small HF causal LM with every parameter random (biases included, so no identity holds by accident)."""
+    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=CONTEXT, **common)
+        cls = GPT2LMHeadModel
+    else:
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=False, **common)
+        cfg, cls = (LlamaConfig(**kw), LlamaForCausalLM) if arch == "llama" else (Qwen2Config(**kw), Qwen2ForCausalLM)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.dim() == 1 and ("ln" in name or "norm" in name) and name.endswith("weight")
+            p.normal_(1.0 if is_norm_scale else 0.0, 0.05 if p.dim() == 1 else 0.1)
+    return model
+
+
+def save_model(path, arch: str, seed: int = 0, **overrides):
+    model = random_model(arch, seed, **overrides)
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+ARCHS = ("gpt2", "llama", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: str(save_model(root / arch, arch)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[list[int]]:
+    """Token-id prompts of different lengths, so batches carry padding."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12, 1, 7)]
