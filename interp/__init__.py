@@ -4,18 +4,19 @@
     pair = interp.load_pair("zoo:base", "zoo:lora-r8")
     acts = interp.capture(pair.tuned, prompts, interp.every_layer("resid_post", pair.tuned.n_layers))
     with pair.tuned.edit(interp.add("resid_post.2", v, scale=2.0)):
-        interp.generate(pair.tuned, prompts)
+        interp.generate(pair.tuned, prompts, max_new_tokens=5)
 """
 
 from interp.capture import Activations, capture
 from interp.errors import InterpError
+from interp.generation import generate
 from interp.intervene import ablate, add, project_onto, project_out, replace, scale
 from interp.models import CheckpointSeries, Model, Pair, load_model, load_pair, load_series
 from interp.prompts import read_prompts, tokenize
 from interp.sites import EMBED, FINAL, Site, every_layer, site
 
 __all__ = [
-    "Activations", "capture", "InterpError", "ablate", "add", "project_onto", "project_out", "replace", "scale",
+    "Activations", "capture", "InterpError", "generate", "ablate", "add", "project_onto", "project_out", "replace", "scale",
     "CheckpointSeries", "Model", "Pair", "load_model", "load_pair", "load_series", "read_prompts", "tokenize",
     "EMBED", "FINAL", "Site", "every_layer", "site",
 ]

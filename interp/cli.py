@@ -1,0 +1,137 @@
+"""The `interp` command line. Every command has --help; bad input exits 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from interp.errors import BadPrompts, InterpError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto (default: CUDA when present)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--backend", default="bridge", choices=("bridge", "nnsight"),
+                   help="capture backend: TransformerLens TransformerBridge (default) or nnsight")
+
+
+def add_pair_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every analysis: the pair, prompts and output folder."""
+    p.add_argument("--base", default="zoo:base", help="pre-trained model: hub id, local folder or zoo name")
+    p.add_argument("--tuned", default="zoo:full", help="fine-tuned model: hub id, folder, PEFT adapter or zoo name")
+    p.add_argument("--prompts", type=Path, help="prompt file (.txt one per line, or .jsonl); optional on zoo models")
+    p.add_argument("--n-prompts", type=int, default=64, help="zoo prompts to use when --prompts is not given")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_model_arguments(p)
+
+
+def prompts_from_args(args, model_spec: str) -> list[str]:
+    """The --prompts file, or on zoo models the zoo's target-skill test prompts."""
+    from interp.prompts import read_prompts
+
+    if args.prompts is not None:
+        return read_prompts(args.prompts)
+    if not str(model_spec).startswith("zoo:"):
+        raise BadPrompts(f"--prompts is required for {model_spec} (zoo models default to the zoo's own prompts)")
+    from interp import zoo
+
+    return [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")]
+
+
+def _zoo_build(args) -> None:
+    from interp import zoo
+
+    names = args.only or None
+    paths = zoo.build(seed=args.seed, names=names, force=args.force, progress=True)
+    print(f"zoo built in {zoo.zoo_dir()}: {', '.join(paths)}")
+
+
+def _zoo_list(args) -> None:
+    from interp import zoo
+
+    for row in zoo.list_models():
+        acc = row.get("accuracies") or {}
+        scores = ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+        state = "built" if row["built"] else "not built"
+        print(f"zoo:{row['name']:<9} {state:<10} {scores}")
+
+
+def _capture(args) -> None:
+    from safetensors.torch import save_file
+
+    from interp.capture import capture
+    from interp.models import load_model
+
+    from interp.sites import site
+
+    prompts = prompts_from_args(args, args.model)
+    sites = [site(s) for s in args.sites]
+    model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    acts = capture(model, prompts, sites, positions=args.positions, batch_size=args.batch_size,
+                   shard_dir=args.out / "shards")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if acts.shard_dir is None:
+        save_file({k: v.contiguous() for k, v in acts.data.items()}, str(args.out / "activations.safetensors"))
+    meta = {"model": args.model, "sites": [str(s) for s in sites], "positions": args.positions, "n_prompts": len(prompts),
+            "lengths": acts.tokens.lengths.tolist(), "sharded": acts.shard_dir is not None}
+    (args.out / "capture.json").write_text(json.dumps(meta, indent=1))
+    print(f"captured {', '.join(args.sites)} for {len(prompts)} prompts -> {args.out}")
+
+
+def _demo(args) -> None:
+    from interp.demo import run_demo
+
+    index = run_demo(args.out, base=args.base, tuned=args.tuned, device=args.device, backend=args.backend)
+    print(f"demo report: {index}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp", description="Mechanistic interpretability of fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo_parser = sub.add_parser("zoo", help="the embedded model zoo")
+    zoo_sub = zoo_parser.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="build (or reuse) the zoo's models in the cache")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--only", nargs="+", help="build only these models (and what they need)")
+    build.set_defaults(func=_zoo_build)
+    zoo_sub.add_parser("list", help="list zoo models and their task accuracies").set_defaults(func=_zoo_list)
+
+    cap = sub.add_parser("capture", help="capture activations at sites and save them as safetensors")
+    cap.add_argument("--model", default="zoo:base")
+    cap.add_argument("--sites", nargs="+", required=True, help="e.g. resid_post.3 head_out.1 blocks.2.hook_resid_pre")
+    cap.add_argument("--positions", default="all", choices=("all", "last"))
+    cap.add_argument("--prompts", type=Path)
+    cap.add_argument("--n-prompts", type=int, default=64)
+    cap.add_argument("--batch-size", type=int, default=16)
+    cap.add_argument("--out", type=Path, required=True)
+    add_model_arguments(cap)
+    cap.set_defaults(func=_capture)
+
+    demo = sub.add_parser("demo", help="build the zoo and run a capture + intervention demo into --out")
+    demo.add_argument("--base", default="zoo:base")
+    demo.add_argument("--tuned", default="zoo:full")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    add_model_arguments(demo)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # interp shows its own progress; HF's per-file bars would drown it
+    try:
+        args.func(args)
+    except InterpError as e:
+        print(f"interp: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv and install interp with its test dependencies. Safe to re-run.
+# torch is pinned to 2.13.0 here because a looser request pulls a multi-GB CUDA build on a CPU machine;
+# the project itself accepts any torch in the range pyproject.toml gives.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
