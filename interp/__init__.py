@@ -13,10 +13,11 @@ from interp.generation import generate
 from interp.intervene import ablate, add, project_onto, project_out, replace, scale
 from interp.models import CheckpointSeries, Model, Pair, load_model, load_pair, load_series
 from interp.prompts import read_prompts, tokenize
+from interp.scoring import answer_scores, loss
 from interp.sites import EMBED, FINAL, Site, every_layer, site
 
 __all__ = [
     "Activations", "capture", "InterpError", "generate", "ablate", "add", "project_onto", "project_out", "replace", "scale",
-    "CheckpointSeries", "Model", "Pair", "load_model", "load_pair", "load_series", "read_prompts", "tokenize",
+    "CheckpointSeries", "Model", "Pair", "load_model", "load_pair", "load_series", "read_prompts", "tokenize", "answer_scores", "loss",
     "EMBED", "FINAL", "Site", "every_layer", "site",
 ]

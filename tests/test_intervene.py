@@ -148,3 +148,39 @@ def test_generation_under_edits_agrees_between_backends(loaded, prompts, arch):
     clean = generate(model, prompts[:3], 10)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(not torch.equal(x, y) for x, y in zip(a, clean))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_matches_hugging_face_and_follows_edits(loaded, prompts, backend):
+    from interp.scoring import loss
+
+    model = loaded["llama"]
+    ours = loss(model, prompts, batch_size=2, backend=backend)
+    for i, p in enumerate(prompts):
+        if len(p) < 2:
+            continue
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            reference = model.hf(ids, labels=ids).loss
+        assert abs(float(ours[i]) - float(reference)) <= 1e-5
+    with model.edit(ablate("mlp_out.0")):
+        edited = loss(model, prompts, batch_size=2, backend=backend)
+    assert (edited - ours).abs().max() > 1e-3
+
+
+def test_answer_scores_count_only_answer_tokens(loaded):
+    from interp.scoring import answer_scores
+
+    model = loaded["gpt2"]
+    prompts, answers = ["w5 w6 w7", "w9 w10"], ["w11 w12", "w13"]
+    scores = answer_scores(model, prompts, answers)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids = torch.tensor([model.tokenizer(f"{p} {a}")["input_ids"]])
+        n_prompt = len(model.tokenizer(p)["input_ids"])
+        with torch.no_grad():
+            logits = model.hf(ids).logits[0]
+        predicted = logits[n_prompt - 1: -1].argmax(-1)
+        expected_acc = (predicted == ids[0, n_prompt:]).float().mean()
+        expected_loss = torch.nn.functional.cross_entropy(logits[n_prompt - 1: -1], ids[0, n_prompt:])
+        assert abs(float(scores.accuracy[i]) - float(expected_acc)) < 1e-6
+        assert abs(float(scores.loss[i]) - float(expected_loss)) < 1e-5
