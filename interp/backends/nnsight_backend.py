@@ -96,14 +96,19 @@ def _apply(edits, act, batch):
     return act
 
 
+def _edit_output(envoy, edits, batch: Batch):
+    """A module's output (the first element when it returns a tuple), edited in place of the original."""
+    out = envoy.output
+    x = _apply(edits, _first(out), batch)
+    if edits:
+        envoy.output = (x, *out[1:]) if isinstance(out, tuple) else x
+    return x, x
+
+
 def _visit(nn_model, arch: Architecture, s: Site, edits, batch: Batch):
     """Read site `s` inside a trace, applying `edits`; returns (activation, tensor whose grad is the site's)."""
     if s.kind == "final":
-        norm = _envoy(nn_model, arch.final_norm)
-        x = _apply(edits, norm.output, batch)
-        if edits:
-            norm.output = x
-        return x, x
+        return _edit_output(_envoy(nn_model, arch.final_norm), edits, batch)
     layer = _envoy(nn_model, arch.layers)[s.layer]
     if s.kind == "resid_pre":
         x = _apply(edits, layer.input, batch)
@@ -118,31 +123,19 @@ def _visit(nn_model, arch: Architecture, s: Site, edits, batch: Batch):
         if edits:
             o_proj.output = heads.sum(2) + _bias(o_proj._module)
         return heads, o_proj.output
-    if s.kind in ("attn_pattern", "attn_out"):
-        attn = _envoy(layer, arch.attn)
-        out = attn.output
-        if s.kind == "attn_pattern":
-            return out[1], out[1]
-        x = _apply(edits, out[0], batch)
-        if edits:
-            attn.output = (x, *out[1:])
-        return x, x
-    if s.kind == "resid_mid":
+    if s.kind == "attn_pattern":
+        pattern = _envoy(layer, arch.attn).output[1]
+        return pattern, pattern
+    if s.kind == "attn_out":
+        return _edit_output(_envoy(layer, arch.attn), edits, batch)
+    if s.kind == "resid_mid":  # edited in place: the layer keeps this tensor as its residual
         x = _envoy(layer, arch.norm2).input
         if edits:
             x[:] = _apply(edits, x.clone(), batch)
         return x, x
     if s.kind == "mlp_out":
-        mlp = _envoy(layer, arch.mlp)
-        x = _apply(edits, mlp.output, batch)
-        if edits:
-            mlp.output = x
-        return x, x
-    out = layer.output
-    x = _apply(edits, _first(out), batch)
-    if edits:
-        layer.output = (x, *out[1:]) if isinstance(out, tuple) else x
-    return x, x
+        return _edit_output(_envoy(layer, arch.mlp), edits, batch)
+    return _edit_output(layer, edits, batch)
 
 
 def _site_grad(value: torch.Tensor, grad: torch.Tensor, s: Site) -> torch.Tensor:
