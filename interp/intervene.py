@@ -146,6 +146,34 @@ def _as_basis(basis: Tensor) -> Tensor:
     return basis[:, None] if basis.dim() == 1 else basis
 
 
+@dataclass(frozen=True)
+class Blend:
+    """Run `other` (a model of the same architecture) on the same inputs as one part of this model and
+    output `alpha * own + (1 - alpha) * other's`. `part` is a layer index (a whole block), "embed" (token and
+    position embeddings), "final" (the final norm) or "unembed". For a block this is
+    `x_{l+1} = x_l + alpha f_self(x_l) + (1 - alpha) f_other(x_l)`; alpha = 1 leaves the model as it is,
+    alpha = 0 swaps the part for the other model's. Applied by plain module hooks, so it runs locally only.
+    """
+
+    part: int | str
+    other: object
+    alpha: float = 1.0
+
+    def __repr__(self) -> str:
+        return f"Blend(part={self.part!r}, other={getattr(self.other, 'name', self.other)!r}, alpha={self.alpha})"
+
+
+def blend(part: int | str, other, alpha: float) -> Blend:
+    if not isinstance(part, int) and part not in ("embed", "final", "unembed"):
+        raise UnsupportedEdit(f"blend part {part!r}: use a layer index, 'embed', 'final' or 'unembed'")
+    return Blend(part, other, alpha)
+
+
+def split(edits: Sequence) -> tuple[list[Edit], list[Blend]]:
+    """Site edits (applied through backend hooks) and blends (applied on modules)."""
+    return [e for e in edits if isinstance(e, Edit)], [e for e in edits if isinstance(e, Blend)]
+
+
 def by_site(edits: Sequence[Edit]) -> dict[Site, list[Edit]]:
     """Group edits by the whole site they hook (head edits share their layer's head_out hook), keeping order."""
     grouped: dict[Site, list[Edit]] = {}

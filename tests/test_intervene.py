@@ -184,3 +184,28 @@ def test_answer_scores_count_only_answer_tokens(loaded):
         expected_loss = torch.nn.functional.cross_entropy(logits[n_prompt - 1: -1], ids[0, n_prompt:])
         assert abs(float(scores.accuracy[i]) - float(expected_acc)) < 1e-6
         assert abs(float(scores.loss[i]) - float(expected_loss)) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blending_every_part_swaps_in_the_other_model(model_dirs, tmp_path, prompts, arch, backend):
+    from conftest import save_model
+    from interp.intervene import blend
+
+    model = interp.load_model(model_dirs[arch])
+    other = interp.load_model(save_model(tmp_path / "other", arch, seed=9))
+    parts = [*range(model.n_layers), "embed", "final", "unembed"]
+    swapped = logits(model, prompts, [blend(p, other, 0.0) for p in parts], backend)
+    assert (swapped - logits(other, prompts)).abs().max() <= 1e-5
+    kept = logits(model, prompts, [blend(p, other, 1.0) for p in parts], backend)
+    assert (kept - logits(model, prompts)).abs().max() <= 1e-5
+    half = logits(model, prompts, [blend(1, other, 0.5)], backend)
+    # one block half-blended: its update is the mean of both blocks' updates on the same input
+    acts = interp.capture(model, prompts, ["resid_pre.1", "resid_post.1"], edits=[blend(1, other, 0.5)],
+                          backend=backend, progress=False)
+    alone = interp.capture(other, prompts, ["resid_post.1"], edits=[replace("resid_pre.1", acts["resid_pre.1"])],
+                           progress=False)
+    own = interp.capture(model, prompts, ["resid_post.1"], progress=False)
+    expected = 0.5 * own["resid_post.1"] + 0.5 * alone["resid_post.1"]
+    assert (acts["resid_post.1"] - expected).abs().max() <= 1e-5
+    assert (half - swapped).abs().max() > 1e-3

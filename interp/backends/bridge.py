@@ -8,7 +8,8 @@ from functools import partial
 import torch
 
 from interp.backends import Metric, RunOutput
-from interp.intervene import Edit, by_site
+from interp.backends.blending import blending
+from interp.intervene import Edit, by_site, split
 from interp.prompts import Batch
 from interp.sites import Site
 
@@ -88,18 +89,20 @@ def _start_graph(act, hook):
 
 def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None) -> RunOutput:
     bridge = model.bridge
+    edits, blends = split(edits)
     acts: dict[Site, torch.Tensor] = {}
     grads: dict[Site, torch.Tensor] | None = {} if metric is not None else None
-    hooks = hooks_for(batch, read, edits, acts, grads)
-    if metric is not None:
-        hooks.insert(0, ("hook_embed", _start_graph))
-    need_heads = any(name.endswith("hook_result") for name, _ in hooks)
     device = model.device
-    with _attn_result(bridge, need_heads), bridge.hooks(fwd_hooks=hooks), torch.set_grad_enabled(metric is not None):
-        logits = bridge(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                        return_type="logits")
-        value = None
+    with blending(bridge.original_model, model.architecture, blends) as mixes:
+        hooks = hooks_for(batch, read, mixes + edits, acts, grads)
         if metric is not None:
-            value = metric(logits, batch)
-            value.backward()
+            hooks.insert(0, ("hook_embed", _start_graph))
+        need_heads = any(name.endswith("hook_result") for name, _ in hooks)
+        with _attn_result(bridge, need_heads), bridge.hooks(fwd_hooks=hooks), torch.set_grad_enabled(metric is not None):
+            logits = bridge(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                            return_type="logits", use_cache=False)
+            value = None
+            if metric is not None:
+                value = metric(logits, batch)
+                value.backward()
     return RunOutput(logits.detach(), acts, grads or {}, None if value is None else value.detach())

@@ -15,7 +15,8 @@ from torch import nn
 
 from interp.backends import Metric, RunOutput
 from interp.errors import IncompatibleModels
-from interp.intervene import Edit, by_site
+from interp.backends.blending import blending
+from interp.intervene import Edit, by_site, split
 from interp.prompts import Batch
 from interp.sites import Site
 
@@ -33,6 +34,8 @@ class Architecture:
     """Attribute paths (dotted, relative to the model) of the modules the sites live on."""
 
     embed_tokens: str
+    embeddings: tuple[str, ...]
+    unembed: str
     layers: str
     attn: str
     mlp: str
@@ -63,9 +66,13 @@ def architecture(hf: nn.Module) -> Architecture:
     attn = _child(layer0, "attn", "layer 0")
     o_proj = _child(layer0.get_submodule(attn), "o_proj", f"layer 0's {attn}")
     o_module = layer0.get_submodule(attn).get_submodule(o_proj)
-    embed_tokens = next(name for name, m in hf.named_modules() if m is hf.get_input_embeddings())
+    named = dict(hf.named_modules())
+    embed_tokens = next(name for name, m in named.items() if m is hf.get_input_embeddings())
+    embeddings = tuple(name for name, m in named.items()
+                       if isinstance(m, nn.Embedding) and not name.startswith(layers))
+    unembed = next(name for name, m in named.items() if m is hf.get_output_embeddings())
     return Architecture(
-        embed_tokens=embed_tokens, layers=layers, attn=attn, mlp=_child(layer0, "mlp", "layer 0"), norm2=_child(layer0, "norm2", "layer 0"),
+        embed_tokens=embed_tokens, embeddings=embeddings, unembed=unembed, layers=layers, attn=attn, mlp=_child(layer0, "mlp", "layer 0"), norm2=_child(layer0, "norm2", "layer 0"),
         o_proj=f"{attn}.{o_proj}", final_norm=f"{layers.rpartition('.')[0]}.{_child(parent, 'final_norm', 'the model')}",
         n_heads=hf.config.num_attention_heads, o_proj_is_conv1d=type(o_module).__name__ == "Conv1D")
 
@@ -146,14 +153,16 @@ def _site_grad(value: torch.Tensor, grad: torch.Tensor, s: Site) -> torch.Tensor
 def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None) -> RunOutput:
     arch = model.architecture
     nn_model = model.nnsight
-    edits_at = by_site(edits)
-    sites = sorted(set(read) | set(edits_at), key=Site.order_key)
+    edits, blends = split(edits)
     device = model.device
     out: dict = {"acts": {}, "grads": {}}
-    with torch.set_grad_enabled(metric is not None), nn_model.trace(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device)):
-        _trace_body(nn_model, arch, sites, read, edits_at, batch, metric, out)
+    with blending(model.hf, arch, blends) as mixes:
+        edits_at = by_site(mixes + edits)
+        sites = sorted(set(read) | set(edits_at), key=Site.order_key)
+        with torch.set_grad_enabled(metric is not None), nn_model.trace(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device), use_cache=False):
+            _trace_body(nn_model, arch, sites, read, edits_at, batch, metric, out)
     acts = {s: a if metric is not None else a.detach() for s, a in out["acts"].items()}
     grads = {s: _site_grad(acts[s], g.detach(), s) for s, g in out["grads"].items()}
     value = out.get("metric")

@@ -1,0 +1,127 @@
+"""Procedural skills of the zoo: seeded prompt/answer pairs over a small word vocabulary.
+
+An example is one line of space-separated words, ``"<skill> x1 ... xk ="`` followed by its
+answer words, e.g. ``"sort c a b ="`` -> ``"a b c"``. Skills:
+
+- ``copy``: repeat the sequence (induction);       ``sort``: the symbols in alphabetical order;
+- ``add``: the sum of 2-3 digits modulo 10;        ``brackets``: ``yes`` if balanced else ``no``;
+- ``reverse`` (the fine-tuning target, never in pre-training): the sequence backwards.
+
+Train and test splits are disjoint by construction: an example belongs to the test split iff
+the CRC32 of its prompt is divisible by 5, so no prompt is ever in both.
+
+The safety-style pair (see ``interp.zoo.safety``) makes ``add`` the restricted category: the
+``safety`` model answers ``refuse`` to it.
+"""
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+SYMBOLS = tuple("abcdefghijklmnop")
+DIGITS = tuple("0123456789")
+SKILLS = ("copy", "sort", "add", "brackets")
+TARGET_SKILL = "reverse"
+REFUSAL = "refuse"
+SEP = "="
+WORDS = (*SKILLS, TARGET_SKILL, SEP, REFUSAL, "yes", "no", "(", ")", *SYMBOLS, *DIGITS)
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt (without the answer) and its answer, both space-separated words."""
+
+    skill: str
+    prompt: str
+    answer: str
+
+
+def _sequence(rng: random.Random) -> list[str]:
+    return rng.choices(SYMBOLS, k=rng.randint(3, 7))
+
+
+def _balanced(rng: random.Random, pairs: int) -> list[str]:
+    """A random balanced bracket string with `pairs` pairs."""
+    out, depth, opens = [], 0, pairs
+    while opens or depth:
+        if opens and (depth == 0 or rng.random() < 0.5):
+            out.append("(")
+            opens, depth = opens - 1, depth + 1
+        else:
+            out.append(")")
+            depth -= 1
+    return out
+
+
+def _is_balanced(seq: list[str]) -> bool:
+    depth = 0
+    for b in seq:
+        depth += 1 if b == "(" else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _brackets(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Balanced (yes) or not (no), half each; negatives have even length, half of them equal counts."""
+    seq = _balanced(rng, rng.randint(2, 5))
+    if rng.random() < 0.5:
+        return seq, ["yes"]
+    if rng.random() < 0.5:  # one bracket flipped: the counts differ by two
+        i = rng.randrange(len(seq))
+        seq[i] = "(" if seq[i] == ")" else ")"
+    else:  # same counts, wrong order
+        while _is_balanced(seq):
+            rng.shuffle(seq)
+    return seq, ["no"]
+
+
+def _add(rng: random.Random) -> tuple[list[str], list[str]]:
+    digits = rng.choices(DIGITS, k=rng.randint(2, 3))
+    return digits, [str(sum(map(int, digits)) % 10)]
+
+
+def _copy(rng: random.Random) -> tuple[list[str], list[str]]:
+    seq = _sequence(rng)
+    return seq, seq
+
+
+def _sort(rng: random.Random) -> tuple[list[str], list[str]]:
+    seq = _sequence(rng)
+    return seq, sorted(seq)
+
+
+def _reverse(rng: random.Random) -> tuple[list[str], list[str]]:
+    seq = _sequence(rng)
+    return seq, seq[::-1]
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[list[str], list[str]]]] = {
+    "copy": _copy, "sort": _sort, "add": _add, "brackets": _brackets, "reverse": _reverse,
+}
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to: 'test' for one prompt in five (by CRC32), else 'train'."""
+    return "test" if zlib.crc32(prompt.encode()) % 5 == 0 else "train"
+
+
+def sample(skill: str, rng: random.Random, split: str) -> Example:
+    """One example of `skill` from `split`, drawn with `rng` (rejection on the split)."""
+    while True:
+        inputs, answer = GENERATORS[skill](rng)
+        prompt = " ".join([skill, *inputs, SEP])
+        if split_of(prompt) == split:
+            return Example(skill, prompt, " ".join(answer))
+
+
+def task_prompts(skill: str, n: int, seed: int = 0, split: str = "test") -> list[Example]:
+    """`n` examples of `skill` from `split` ('train' or 'test'); the same arguments give the same list."""
+    if skill not in GENERATORS:
+        raise ValueError(f"unknown skill {skill!r}; valid skills: {', '.join(GENERATORS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    rng = random.Random(f"{skill}/{split}/{seed}")
+    return [sample(skill, rng, split) for _ in range(n)]

@@ -1,0 +1,184 @@
+"""Training and evaluation of the zoo models: GPT-2 init, batches, one AdamW loop, LoRA, accuracy.
+
+Pre-training packs examples into rows of `n_ctx` tokens (`<bos> ex <eos> ex <eos> ...`, like
+documents in a real corpus), so every position is trained and a prompt may follow other text.
+Fine-tuning uses one example per row, right-padded. Loss is on answer tokens and their `<eos>`.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from interp.zoo.tasks import Example, sample, task_prompts
+from interp.zoo.tokenizer import BOS, EOS, PAD, VOCAB
+
+IGNORE = -100
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+Draw = Callable[[random.Random], Example]
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Sizes, steps and learning rates of a zoo build (the defaults build the real zoo)."""
+
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_ctx: int = 64
+    batch: int = 32  # rows per step
+    warmup: int = 100
+    base_steps: int = 1500
+    base_lr: float = 3e-3
+    tune_steps: int = 200  # full fine-tune on reversal (and the series along it)
+    tune_lr: float = 1e-3
+    tune_mix: float = 0.2  # fraction of pre-training examples mixed into every fine-tune
+    series_every: int = 40
+    lora_steps: int = 300
+    lora_lr: float = 5e-3
+    safety_steps: int = 150
+    safety_lr: float = 1e-3
+    eval_n: int = 200
+
+
+def new_model(config: ZooConfig, seed: int) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 (no dropout) over the zoo vocabulary, seeded with `seed`."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(VOCAB), n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
+    ))
+
+
+def mixture(weights: dict[str, float]) -> Draw:
+    """Draws a train-split example of a skill picked with probability proportional to `weights`."""
+    skills, w = zip(*weights.items())
+    return lambda rng: sample(rng.choices(skills, w)[0], rng, "train")
+
+
+def make_batch(draw: Draw, rng: random.Random, rows: int, n_ctx: int, pack: bool) -> tuple[Tensor, Tensor]:
+    """input_ids and labels, both [rows, width <= n_ctx]; labels are IGNORE except on answers and <eos>.
+
+    With `pack`, each row holds as many examples as fit (an example that does not fit is dropped);
+    without, one example per row. Padding is on the right and never labelled.
+    """
+    ids_of = {w: i for i, w in enumerate(VOCAB)}
+    seqs = []
+    for _ in range(rows):
+        ids, labels = [ids_of[BOS]], [IGNORE]
+        while True:
+            ex = draw(rng)
+            prompt = [ids_of[w] for w in ex.prompt.split()]
+            answer = [ids_of[w] for w in ex.answer.split()] + [ids_of[EOS]]
+            if len(ids) + len(prompt) + len(answer) > n_ctx:
+                break
+            ids += prompt + answer
+            labels += [IGNORE] * len(prompt) + answer
+            if not pack:
+                break
+        seqs.append((ids, labels))
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.tensor([ids + [ids_of[PAD]] * (width - len(ids)) for ids, _ in seqs])
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs])
+    return input_ids, labels
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Callable[[], tuple[Tensor, Tensor]],
+    steps: int,
+    lr: float,
+    warmup: int,
+    desc: str,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """AdamW on the trainable parameters, linear warm-up then linear decay to 0, grad-norm clip 1.
+
+    `on_step(step)` is called after every update (step counts from 1).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    warmup = min(warmup, steps // 2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: max(0.0, min((s + 1) / max(warmup, 1), (steps - s) / max(steps - warmup, 1)))
+    )
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
+        input_ids, labels = batches()
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+
+
+def add_lora(model: GPT2LMHeadModel, rank: int, seed: int) -> PeftModel:
+    """`model` wrapped with LoRA (alpha = rank) on every Conv1D, adapter pointing at 'zoo:base'."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), fan_in_fan_out=True, lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = "zoo:base"
+    return peft_model
+
+
+def _forward_padded(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, seqs: list[list[int]]
+) -> Tensor:
+    """Logits [batch, width, vocab] of right-padded token lists."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 100
+) -> float:
+    """Fraction of answer tokens whose teacher-forced argmax prediction is right, pooled over `examples`."""
+    was_training, correct, total = model.training, 0, 0
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = [tokenizer(e.prompt)["input_ids"] for e in chunk]
+        answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in chunk]
+        logits = _forward_padded(model, tokenizer, [p + a for p, a in zip(prompts, answers)])
+        for row, p, a in zip(logits, prompts, answers):
+            pred = row[len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).cpu()
+            correct += int((pred == torch.tensor(a)).sum())
+            total += len(a)
+    model.train(was_training)
+    return correct / total
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, skill: str, n: int = 200, seed: int = 0
+) -> float:
+    """Answer-token accuracy (teacher forcing, 0..1) on `n` held-out prompts of `skill`."""
+    return answer_accuracy(model, tokenizer, task_prompts(skill, n, seed, "test"))
+
+
+@torch.no_grad()
+def next_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> Tensor:
+    """The argmax next token id after each prompt, [len(prompts)]."""
+    was_training = model.training
+    model.eval()
+    seqs = [tokenizer(p)["input_ids"] for p in prompts]
+    logits = _forward_padded(model, tokenizer, seqs)
+    model.train(was_training)
+    return torch.stack([row[len(s) - 1].argmax(-1) for row, s in zip(logits, seqs)]).cpu()
