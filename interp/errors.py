@@ -39,3 +39,7 @@ class UnsupportedEdit(InterpError):
 
 class MissingExtra(InterpError):
     """A feature that needs an optional dependency group (pip extra) that is not installed."""
+
+
+class ResultNotFound(InterpError):
+    """A folder that should hold a saved analysis result but does not."""

@@ -209,3 +209,18 @@ def test_blending_every_part_swaps_in_the_other_model(model_dirs, tmp_path, prom
     expected = 0.5 * own["resid_post.1"] + 0.5 * alone["resid_post.1"]
     assert (acts["resid_post.1"] - expected).abs().max() <= 1e-5
     assert (half - swapped).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edits_at_resid_pre_and_resid_mid_of_one_layer_read_alike(loaded, prompts, arch):
+    model = loaded[arch]
+    g = torch.Generator().manual_seed(4)
+    u, w = torch.randn(model.d_model, generator=g), torch.randn(model.d_model, generator=g)
+    edits = [add("resid_pre.1", u), add("resid_mid.1", w)]
+    sites = ["resid_pre.1", "attn_out.1", "resid_mid.1", "resid_post.1"]
+    a = interp.capture(model, prompts, sites, edits=edits, backend="bridge", progress=False)
+    b = interp.capture(model, prompts, sites, edits=edits, backend="nnsight", progress=False)
+    for s in sites:
+        assert (a[s] - b[s]).abs().max() <= 1e-5, s
+    # attn_out is the attention's own output on the edited input; resid_mid carries both edits
+    assert torch.allclose(a["resid_mid.1"], (a["resid_pre.1"] + a["attn_out.1"] + w) * a.mask[..., None], atol=1e-5)

@@ -65,9 +65,6 @@ def hooks_for(batch: Batch | None, read: list[Site], edits: list[Edit], acts: di
         pre[layer] = act
         return act
 
-    for layer in mids:
-        hooks.append((hook_name(Site("resid_pre", layer)), partial(keep_pre, layer=layer)))
-        hooks.append((hook_name(Site("attn_out", layer)), partial(edit_mid, layer=layer)))
     for s in sorted(set(read) | set(edits_at), key=Site.order_key):
         def fn(act, hook, s=s):
             for e in edits_at.get(s, ()):
@@ -78,6 +75,9 @@ def hooks_for(batch: Batch | None, read: list[Site], edits: list[Edit], acts: di
                     act.register_hook(lambda g, s=s: grads.__setitem__(s, g.detach()))
             return act
         hooks.append((hook_name(s), fn))
+    for layer in mids:  # after the site hooks: resid_pre as edited, attn_out as read
+        hooks.append((hook_name(Site("resid_pre", layer)), partial(keep_pre, layer=layer)))
+        hooks.append((hook_name(Site("attn_out", layer)), partial(edit_mid, layer=layer)))
     return hooks
 
 
