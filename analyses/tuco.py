@@ -292,3 +292,70 @@ def save_figures(results: Sequence[TuCoResult], sweep: dict | None, out: str | P
         plot_alpha_sweep(sweep, ax[0, 0])
         written += save_figure(fig, out / "tuco_alpha_sweep")
     return written
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from interp.cli import add_pair_arguments
+
+    add_pair_arguments(parser)
+    parser.add_argument("--prompts-b", type=Path, help="a second prompt set to compare (zoo default: pre-training skills)")
+    parser.add_argument("--sublayers", action="store_true", help="also split each layer into attention and MLP")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+
+def run_cli(args) -> None:
+    from interp.cli import prompts_from_args
+    from interp.models import load_pair
+    from interp.prompts import read_prompts
+
+    sets = _prompt_sets(args, prompts_from_args, read_prompts)
+    pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
+    results = [measure(pair, texts, label=label, sublayers=args.sublayers) for label, (texts, _) in sets.items()]
+    label, (texts, answers) = next(iter(sets.items()))
+    sweep = alpha_sweep(pair, texts, answers, alphas=args.alphas)
+    write(results, sweep, args.out)
+    print(f"TuCo written to {args.out}: " + ", ".join(f"{r.label} mean {float(r.tuco().mean()):.3f}" for r in results))
+
+
+def _prompt_sets(args, prompts_from_args, read_prompts) -> dict[str, tuple[list[str], list[str] | None]]:
+    """label -> (prompts, answers or None). On zoo models: the target skill and the pre-training skills."""
+    if args.prompts is None and str(args.tuned).startswith("zoo:") and args.prompts_b is None:
+        from interp import zoo
+
+        target = zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")
+        mixed = [e for skill in zoo.SKILLS for e in zoo.task_prompts(skill, args.n_prompts // len(zoo.SKILLS),
+                                                                      split="test")]
+        return {zoo.TARGET_SKILL: ([e.prompt for e in target], [e.answer for e in target]),
+                "pre-training": ([e.prompt for e in mixed], None)}
+    sets = {Path(args.prompts).stem if args.prompts else "prompts": (prompts_from_args(args, args.tuned), None)}
+    if args.prompts_b is not None:
+        sets[Path(args.prompts_b).stem] = (read_prompts(args.prompts_b), None)
+    return sets
+
+
+def write(results: Sequence[TuCoResult], sweep: dict | None, out: str | Path) -> None:
+    """Results (tensors + CSV) and figures into `out`; `redraw(out)` re-draws the figures from these files."""
+    import json
+
+    import pandas as pd
+
+    out = Path(out)
+    for r in results:
+        r.save(out / "results" / r.label)
+    pd.concat([r.to_frame() for r in results]).to_csv(out / "tuco.csv", index=False)
+    pd.concat([r.layer_frame().assign(label=r.label) for r in results]).to_csv(out / "tuco_layers.csv", index=False)
+    if sweep is not None:
+        (out / "alpha_sweep.json").write_text(json.dumps(sweep, indent=1))
+    save_figures(results, sweep, out / "figures")
+
+
+def redraw(out: str | Path) -> list[Path]:
+    """Re-draw every figure from the results saved by `write` (no model is run)."""
+    import json
+
+    out = Path(out)
+    results = [TuCoResult.load(p) for p in sorted((out / "results").iterdir())]
+    sweep = json.loads((out / "alpha_sweep.json").read_text()) if (out / "alpha_sweep.json").is_file() else None
+    return save_figures(results, sweep, out / "figures")

@@ -87,6 +87,16 @@ def _demo(args) -> None:
     print(f"demo report: {index}")
 
 
+ANALYSES = {"tuco": "TuCo: pre-training vs fine-tuning components, Tuning Contribution, alpha steering"}
+"""Analysis modules in `analyses/`, each with add_arguments(parser) and run_cli(args)."""
+
+
+def _analysis(name: str):
+    import importlib
+
+    return importlib.import_module(f"analyses.{name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp", description="Mechanistic interpretability of fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--out", type=Path, required=True)
     add_model_arguments(cap)
     cap.set_defaults(func=_capture)
+
+    for name, summary in ANALYSES.items():
+        module = _analysis(name)
+        p = sub.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(p)
+        p.set_defaults(func=module.run_cli)
 
     demo = sub.add_parser("demo", help="build the zoo and run a capture + intervention demo into --out")
     demo.add_argument("--base", default="zoo:base")

@@ -108,3 +108,27 @@ def test_result_round_trips_and_figures_redraw_identically(unrelated, tmp_path):
     assert [p.name for p in first] == [p.name for p in second]
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes()
+
+
+def test_cli_writes_results_tables_and_figures_that_redraw_identically(unrelated, model_dirs, tmp_path):
+    import pandas as pd
+
+    from interp.cli import main
+
+    (tmp_path / "task.txt").write_text("\n".join(TEXTS[:3]) + "\n")
+    (tmp_path / "web.txt").write_text("w20 w21 w22\nw30 w31\n")
+    tuned_dir = unrelated.tuned.name
+    out = tmp_path / "out"
+    assert main(["tuco", "--base", model_dirs["llama"], "--tuned", tuned_dir, "--prompts", str(tmp_path / "task.txt"),
+                 "--prompts-b", str(tmp_path / "web.txt"), "--alphas", "0", "1", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "tuco.csv")
+    assert sorted(table.label.unique()) == ["task", "web"] and len(table) == 5
+    assert table.tuco.between(0, 1).all()
+    sweep = __import__("json").loads((out / "alpha_sweep.json").read_text())
+    own = interp.capture(unrelated.tuned, TEXTS[:3], [], positions="last", logits=True)["logits"].softmax(-1)
+    assert sweep["alpha"] == [0.0, 1.0] and abs(sweep["value"][1] - float(own.max(-1).values.mean())) < 1e-5
+    figures = sorted((out / "figures").iterdir())
+    assert {p.suffix for p in figures} == {".pdf", ".png"} and len(figures) == 6
+    before = {p.name: p.read_bytes() for p in figures}
+    redrawn = tuco.redraw(out)
+    assert {p.name: p.read_bytes() for p in redrawn} == before
