@@ -175,16 +175,24 @@ def _pad_pos(act: Tensor, width: int) -> Tensor:
     return torch.cat([act, act.new_zeros((act.shape[0], pad, *act.shape[2:]))], dim=1)
 
 
+def _positions_per_prompt(positions, tokens: Tokens) -> float:
+    if positions is None or positions == "all":
+        return tokens.ids.shape[1]
+    if positions == "last":
+        return 1
+    if isinstance(positions, Tensor):
+        return float(positions.sum()) / len(tokens)
+    return 1 if isinstance(positions, int) else len(positions)
+
+
 def _estimate_bytes(model, tokens: Tokens, sites: list[Site], positions, logits: bool) -> int:
-    n_prompts, width = tokens.ids.shape
-    n_pos = {None: width, "all": width, "last": 1}.get(positions if isinstance(positions, (str, type(None))) else "x")
-    if n_pos is None:
-        n_pos = int(positions.sum()) / n_prompts if isinstance(positions, Tensor) else len(
-            [positions] if isinstance(positions, int) else positions)
-    per_pos = {"head_out": model.n_heads * model.d_model, "attn_pattern": model.n_heads * width}
-    elements = sum(per_pos.get(s.kind, model.d_model) // (model.n_heads if s.head is not None else 1) for s in sites)
+    """Size of the result: prompts x positions x (elements per position of every site)."""
+    width = tokens.ids.shape[1]
+    per_position = {"head_out": model.n_heads * model.d_model, "attn_pattern": model.n_heads * width}
+    elements = sum(model.d_model if s.head is not None else per_position.get(s.kind, model.d_model) for s in sites)
     elements += model.config.vocab_size if logits else 0
-    return int(n_prompts * n_pos * elements * torch.finfo(model.dtype).bits // 8)
+    n = len(tokens) * _positions_per_prompt(positions, tokens)
+    return int(n * elements * torch.finfo(model.dtype).bits // 8)
 
 
 def _capture_key(model, tokens: Tokens, sites, positions, batch_size, padding_side, edits, metric, logits) -> str:

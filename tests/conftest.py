@@ -62,3 +62,12 @@ def prompts() -> list[list[int]]:
     """Token-id prompts of different lengths, so batches carry padding."""
     g = torch.Generator().manual_seed(1)
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12, 1, 7)]
+
+
+@pytest.fixture(scope="session")
+def zoo_built():
+    """The embedded zoo, built once (about 5 minutes on 2 cores) or reused from the cache."""
+    from interp import zoo
+
+    zoo.build(progress=False)
+    return zoo
