@@ -87,7 +87,11 @@ def _demo(args) -> None:
     print(f"demo report: {index}")
 
 
-ANALYSES = {"tuco": "TuCo: pre-training vs fine-tuning components, Tuning Contribution, alpha steering"}
+ANALYSES = {
+    "tuco": "TuCo: pre-training vs fine-tuning components, Tuning Contribution, alpha steering",
+    "intruders": "LoRA intruder dimensions: singular-vector similarity, counts over epsilon, lambda steering",
+    "shift": "Concept shift vectors: concept dictionaries, per-concept shifts, recovery, shift steering",
+}
 """Analysis modules in `analyses/`, each with add_arguments(parser) and run_cli(args)."""
 
 

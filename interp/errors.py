@@ -43,3 +43,7 @@ class MissingExtra(InterpError):
 
 class ResultNotFound(InterpError):
     """A folder that should hold a saved analysis result but does not."""
+
+
+class UnsupportedAdapter(InterpError):
+    """An adapter folder that is not a plain LoRA adapter readable as weight deltas."""

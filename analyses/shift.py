@@ -1,0 +1,598 @@
+"""Concept shift vectors: how fine-tuning moves the concepts of the representation space (Khayatan et al., 2025).
+
+For inputs x (chosen token positions of a prompt set) at a layer, h_base(x) and h_tuned(x) are the two
+models' representations (`resid_post.l`, or `final`, the output of the final norm as in the reference code).
+
+    concepts     a dictionary of K vectors u_k learned on h_base (or h_tuned): K-means (centroids), PCA
+                 (principal directions) or semi-NMF (Ding et al.: H ~ G F, G >= 0, F free); input x belongs
+                 to the concept with the highest activation (for K-means the nearest centroid), A_k
+    shift        Delta_k = mean_{x in A_k} h_tuned(x) - mean_{x in A_k} h_base(x);  global: mean over all x
+    recovery     h_base(x) + Delta_{k(x)} vs h_tuned(x) (cosine, relative error), against h_base(x) alone and
+                 h_base(x) + Delta_global
+    matching     a dictionary learned the same way on the other model, matched one-to-one by cosine
+                 (Hungarian): for K-means u_k + Delta_k against the tuned centroids, else |cos(u_k, v_j)|
+    grounding    each concept's top-activating inputs and the tokens u_k (and Delta_k) decode to through
+                 the unembedding W_U (no final norm applied)
+
+Steering (`steer`): add a vector (a concept shift, the global shift, or `mean_difference` of two prompt
+groups) with a strength to `resid_post.l` of either model, at all positions by default (the paper's
+setting); `strength_sweep` reports KL(steered || target) of the next-token distribution at the last
+prompt token and the accuracy on a held-out skill (the side effect).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp.capture import capture
+from interp.intervene import add
+from interp.models import Model, Pair
+from interp.plotting import figure, model_color, save_figure
+from interp.prompts import Tokens, tokenize
+from interp.results import load_result, save_result
+
+METHODS = ("kmeans", "pca", "semi-nmf")
+TOP = 5
+
+# ---------------------------------------------------------------------------------------- representations
+
+
+def sites_for(site: str, layers: Sequence[int]) -> list[str]:
+    """Capture sites: `resid_post.l` for each layer, or the single `final` (final-norm output)."""
+    if site == "final":
+        return ["final"]
+    return [f"{site}.{layer}" for layer in layers]
+
+
+def representations(model: Model, tokens: Tokens, sites: Sequence[str], positions="last", *,
+                    batch_size: int = 16, progress: bool = False) -> dict[str, Float[Tensor, "item d_model"]]:
+    """Activations at `sites` for the chosen positions, one row per input (prompt x position), float32."""
+    acts = capture(model, tokens, list(sites), positions=positions, batch_size=batch_size, progress=progress)
+    return {s: acts[s].reshape(-1, acts[s].shape[-1]).float() for s in sites}
+
+
+def items(tokens: Tokens, positions) -> tuple[Int[Tensor, " item"], Int[Tensor, " item"]]:
+    """(prompt index, canonical position) of each input, in the row order of `representations`."""
+    n = len(tokens)
+    if positions == "last":
+        return torch.arange(n), tokens.lengths - 1
+    if isinstance(positions, Tensor):
+        where = positions[:, : tokens.ids.shape[1]].logical_and(tokens.mask).nonzero()
+        return where[:, 0], where[:, 1]
+    cols = torch.as_tensor([positions] if isinstance(positions, int) else list(positions))
+    absolute = torch.where(cols[None] < 0, tokens.lengths[:, None] + cols[None], cols[None])
+    return torch.arange(n).repeat_interleave(len(cols)), absolute.reshape(-1)
+
+
+def mean_difference(model: Model, target: Sequence[str], source: Sequence[str], site: str,
+                    positions="last", **kw) -> Float[Tensor, " d_model"]:
+    """mean h(target) - mean h(source) at `site` (e.g. `resid_post.2`): the paper's steering vector."""
+    def mean(prompts):
+        return representations(model, tokenize(model.tokenizer, prompts, max_length=model.n_ctx), [site],
+                               positions, **kw)[site].mean(0)
+    return mean(target) - mean(source)
+
+
+# ------------------------------------------------------------------------------------- concept dictionaries
+
+@dataclass
+class Concepts:
+    """A dictionary: `vectors` [concept, d_model], `activations` [item, concept] of the inputs it was learned
+    on, `assign` [item] (the concept with the highest activation), `mean` (PCA's centre, else zeros)."""
+
+    method: str
+    vectors: Float[Tensor, "concept d_model"]
+    activations: Float[Tensor, "item concept"]
+    mean: Float[Tensor, " d_model"]
+
+    @property
+    def assign(self) -> Int[Tensor, " item"]:
+        return self.activations.argmax(-1)
+
+
+def learn_concepts(x: Float[Tensor, "item d_model"], k: int, method: str = "kmeans", *, seed: int = 0,
+                   restarts: int = 4, iters: int = 100) -> Concepts:
+    """K concepts of `x` with `method` (one of METHODS); seeded and deterministic."""
+    x = x.double()
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k={k} concepts for {len(x)} inputs; pass 1 <= k <= the number of inputs")
+    if method == "kmeans":
+        centroids = kmeans(x, k, seed=seed, restarts=restarts, iters=iters)
+        return Concepts(method, centroids.float(), -torch.cdist(x, centroids).float(), torch.zeros(x.shape[1]))
+    if method == "pca":
+        if k > min(x.shape):
+            raise ValueError(f"k={k} principal directions of {len(x)} inputs in {x.shape[1]} dimensions; "
+                             f"pass k <= {min(x.shape)}")
+        mean = x.mean(0)
+        components = torch.linalg.svd(x - mean, full_matrices=False).Vh[:k]
+        # activation = |projection| (a direction's sign is arbitrary)
+        return Concepts(method, components.float(), ((x - mean) @ components.T).abs().float(), mean.float())
+    if method == "semi-nmf":
+        g, f = semi_nmf(x, k, seed=seed, iters=iters)
+        return Concepts(method, f.float(), g.float(), torch.zeros(x.shape[1]))
+    raise ValueError(f"unknown concept method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def kmeans(x: Float[Tensor, "item d"], k: int, *, seed: int = 0, restarts: int = 4,
+           iters: int = 100) -> Float[Tensor, "k d"]:
+    """Lloyd's K-means with k-means++ starts; the restart with the lowest inertia wins."""
+    g = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centroids, previous = _kmeans_pp(x, k, g), None
+        for _ in range(iters):
+            assign = torch.cdist(x, centroids).argmin(1)
+            if previous is not None and torch.equal(assign, previous):
+                break
+            one_hot = torch.nn.functional.one_hot(assign, k).to(x.dtype)  # [item, k]
+            counts = one_hot.sum(0)
+            centroids = torch.where(counts[:, None] > 0, (one_hot.T @ x) / counts.clamp_min(1)[:, None], centroids)
+            previous = assign
+        inertia = float(torch.cdist(x, centroids).min(1).values.square().sum())
+        if inertia < best_inertia:
+            best, best_inertia = centroids, inertia
+    return best
+
+
+def _kmeans_pp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    chosen = [int(torch.randint(len(x), (1,), generator=g))]
+    d2 = (x - x[chosen[0]]).square().sum(1)
+    for _ in range(1, k):
+        weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
+        chosen.append(int(torch.multinomial(weights, 1, generator=g)))
+        d2 = torch.minimum(d2, (x - x[chosen[-1]]).square().sum(1))
+    return x[chosen].clone()
+
+
+def semi_nmf(x: Float[Tensor, "item d"], k: int, *, seed: int = 0, iters: int = 200,
+             eps: float = 1e-12) -> tuple[Float[Tensor, "item k"], Float[Tensor, "k d"]]:
+    """Semi-NMF (Ding, Li & Jordan 2010): x ~ G F with G >= 0 and F unconstrained. G starts from K-means
+    (one-hot + 0.2); then F = (G^T G)^-1 G^T x, and G <- G sqrt((A+ + G B-) / (A- + G B+)) with A = x F^T
+    and B = F F^T (X+ / X- the positive / negative parts)."""
+    assign = torch.cdist(x, kmeans(x, k, seed=seed, restarts=1, iters=50)).argmin(1)
+    g = torch.nn.functional.one_hot(assign, k).to(x.dtype) + 0.2
+    for _ in range(iters):
+        f = torch.linalg.lstsq(g, x).solution  # [k, d]
+        a, b = x @ f.T, f @ f.T
+        pos, neg = (a.abs() + a) / 2, (a.abs() - a) / 2
+        bpos, bneg = (b.abs() + b) / 2, (b.abs() - b) / 2
+        g = g * ((pos + g @ bneg) / (neg + g @ bpos + eps)).sqrt()
+    return g, torch.linalg.lstsq(g, x).solution
+
+
+def match_concepts(a: Float[Tensor, "k d"], b: Float[Tensor, "k d"], *, signed: bool = True
+                   ) -> tuple[Int[Tensor, " k"], Float[Tensor, " k"]]:
+    """One-to-one matching of two dictionaries maximising total cosine (|cosine| if not `signed`):
+    (index into b for each row of a, the matched cosines)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = _unit(a.double()) @ _unit(b.double()).T
+    score = cos if signed else cos.abs()
+    _, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    cols = torch.as_tensor(cols)
+    return cols, score[torch.arange(len(a)), cols].float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- shifts
+
+def concept_shifts(h_base: Float[Tensor, "item d"], h_tuned: Float[Tensor, "item d"], assign: Int[Tensor, " item"],
+                   k: int) -> tuple[Float[Tensor, "k d"], Int[Tensor, " k"]]:
+    """Delta_k = mean over A_k of (h_tuned - h_base) (zeros for an empty concept), and |A_k|."""
+    one_hot = torch.nn.functional.one_hot(assign, k).double()
+    counts = one_hot.sum(0)
+    shifts = (one_hot.T @ (h_tuned - h_base).double()) / counts.clamp_min(1)[:, None]
+    return shifts.float(), counts.long()
+
+
+def recovery(h_base: Tensor, h_tuned: Tensor, shift: Float[Tensor, "item d"]) -> dict[str, Tensor]:
+    """Per input: cosine and relative error ||h_base + shift - h_tuned|| / ||h_tuned||."""
+    guess = h_base + shift
+    return {"cos": torch.nn.functional.cosine_similarity(guess, h_tuned, dim=-1),
+            "rel_error": (guess - h_tuned).norm(dim=-1) / h_tuned.norm(dim=-1).clamp_min(1e-12)}
+
+
+RECOVERY = ("base", "global", "concept")
+
+
+def _per_concept(values: Tensor, assign: Tensor, k: int) -> Tensor:
+    one_hot = torch.nn.functional.one_hot(assign, k).double()
+    return ((one_hot.T @ values.double()) / one_hot.sum(0).clamp_min(1)).float()
+
+
+# ---------------------------------------------------------------------------------------------- result
+
+@dataclass
+class ShiftResult:
+    """Concepts and their shifts per layer (`site` names the representation, `layers` its layers).
+
+    concepts, tuned_concepts  [layer, concept, d_model]   dictionaries on the fitted / the other model
+    shifts                    [layer, concept, d_model]   Delta_k;  global_shift [layer, d_model]
+    assign                    [layer, item]               concept of each input;  counts [layer, concept]
+    activations               [layer, item, concept]
+    match, match_cos          [layer, concept]            matched other-model concept and its cosine
+    cos, rel_error            [layer, concept, 3]         mean recovery over A_k for h_base, + global, + Delta_k
+    top_items                 [layer, concept, top]       top-activating inputs (-1 where fewer)
+    item_prompt, item_pos     [item]                      prompt index and canonical position of each input
+    tokens                    per prompt, its token strings; top_tokens / shift_tokens [layer][concept][top]
+    """
+
+    base: str
+    tuned: str
+    method: str
+    site: str
+    layers: list[int]
+    fit_on: str
+    prompts: list[str]
+    tokens: list[list[str]]
+    item_prompt: Int[Tensor, " item"]
+    item_pos: Int[Tensor, " item"]
+    concepts: Float[Tensor, "layer concept d_model"]
+    tuned_concepts: Float[Tensor, "layer concept d_model"]
+    shifts: Float[Tensor, "layer concept d_model"]
+    global_shift: Float[Tensor, "layer d_model"]
+    assign: Int[Tensor, "layer item"]
+    activations: Float[Tensor, "layer item concept"]
+    counts: Int[Tensor, "layer concept"]
+    match: Int[Tensor, "layer concept"]
+    match_cos: Float[Tensor, "layer concept"]
+    cos: Float[Tensor, "layer concept 3"]
+    rel_error: Float[Tensor, "layer concept 3"]
+    top_items: Int[Tensor, "layer concept top"]
+    top_tokens: list = field(default_factory=list)
+    shift_tokens: list = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return self.concepts.shape[1]
+
+    def layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not measured; measured layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def shift(self, layer: int, concept: int | None = None) -> Float[Tensor, " d_model"]:
+        """Delta_concept at `layer` (the global shift when `concept` is None)."""
+        i = self.layer_index(layer)
+        return self.global_shift[i] if concept is None else self.shifts[i, concept]
+
+    def highlighted(self, item: int) -> str:
+        """The prompt of an input with its token in [brackets]."""
+        words = list(self.tokens[int(self.item_prompt[item])])
+        pos = int(self.item_pos[item])
+        words[pos] = f"[{words[pos]}]"
+        return " ".join(words)
+
+    def to_frame(self):
+        """One row per layer and concept: size, shift norm, matching cosine, recovery (cosine and relative
+        error for h_base alone, + global shift, + concept shift), grounding tokens and top prompt."""
+        import pandas as pd
+
+        rows = []
+        for i, layer in enumerate(self.layers):
+            for c in range(self.k):
+                top = int(self.top_items[i, c, 0])
+                row = {"layer": layer, "concept": c, "n": int(self.counts[i, c]),
+                       "shift_norm": float(self.shifts[i, c].norm()), "match_cos": float(self.match_cos[i, c])}
+                for j, name in enumerate(RECOVERY):
+                    row[f"cos_{name}"] = float(self.cos[i, c, j])
+                    row[f"rel_error_{name}"] = float(self.rel_error[i, c, j])
+                row["top_tokens"] = " ".join(self.top_tokens[i][c]) if self.top_tokens else ""
+                row["shift_tokens"] = " ".join(self.shift_tokens[i][c]) if self.shift_tokens else ""
+                row["top_prompt"] = self.highlighted(top) if top >= 0 else ""
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, ax=None):
+        return plot_shift_norms(self, ax)
+
+    def save(self, folder: str | Path) -> Path:
+        names = ("item_prompt", "item_pos", "concepts", "tuned_concepts", "shifts", "global_shift", "assign",
+                 "activations", "counts", "match", "match_cos", "cos", "rel_error", "top_items")
+        meta = {"analysis": "shift", **{k: getattr(self, k) for k in ("base", "tuned", "method", "site", "layers",
+                                                                     "fit_on", "prompts", "tokens", "top_tokens",
+                                                                     "shift_tokens")}}
+        return save_result(folder, {k: getattr(self, k) for k in names}, meta)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ShiftResult:
+        tensors, meta = load_result(folder)
+        meta.pop("analysis")
+        return cls(**meta, **tensors)
+
+
+def measure(pair: Pair, prompts: Sequence[str] | Tokens, *, layers: Sequence[int] | None = None,
+            site: str = "resid_post", positions="last", method: str = "kmeans", k: int = 20, seed: int = 0,
+            fit_on: str = "base", top: int = TOP, batch_size: int = 16, progress: bool = True) -> ShiftResult:
+    """Concept dictionaries of the `fit_on` model's representations and their shifts (module docstring).
+    `positions`: "last" (the last prompt token), canonical int(s), or a boolean mask [prompt, pos]."""
+    if fit_on not in ("base", "tuned"):
+        raise ValueError(f"fit_on={fit_on!r}; use 'base' or 'tuned'")
+    base, tuned = pair.base, pair.tuned
+    layers = list(range(base.n_layers)) if layers is None else [int(layer) for layer in layers]
+    tokens = prompts if isinstance(prompts, Tokens) else tokenize(base.tokenizer, prompts, max_length=base.n_ctx)
+    texts = _texts(prompts, tokens)
+    sites = sites_for(site, layers)
+    layers = layers if site != "final" else [base.n_layers - 1]
+    kw = dict(batch_size=batch_size, progress=progress)
+    h_base = representations(base, tokens, sites, positions, **kw)
+    h_tuned = representations(tuned, tokens, sites, positions, **kw)
+    w_u = base.hf.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d_model]
+    per_layer = [_one_layer(h_base[s], h_tuned[s], method, k, seed, fit_on, top, w_u, base.tokenizer) for s in sites]
+    words = {key: [p.pop(key) for p in per_layer] for key in ("top_tokens", "shift_tokens")}
+    stacked = {key: torch.stack([p[key] for p in per_layer]) for key in per_layer[0]}
+    token_strings = [base.tokenizer.convert_ids_to_tokens(row[:n].tolist())
+                     for row, n in zip(tokens.ids, tokens.lengths)]
+    return ShiftResult(base.name, tuned.name, method, site, layers, fit_on, texts, token_strings,
+                       *items(tokens, positions), **words, **stacked)
+
+
+def _texts(prompts, tokens: Tokens) -> list[str]:
+    if isinstance(prompts, Tokens):
+        return [str(r[:n].tolist()) for r, n in zip(tokens.ids, tokens.lengths)]
+    return [p if isinstance(p, str) else str(list(p)) for p in prompts]
+
+
+def _one_layer(h_base: Tensor, h_tuned: Tensor, method: str, k: int, seed: int, fit_on: str, top: int,
+               w_u: Tensor, tokenizer) -> dict:
+    fit, other = (h_base, h_tuned) if fit_on == "base" else (h_tuned, h_base)
+    concepts = learn_concepts(fit, k, method, seed=seed)
+    other_concepts = learn_concepts(other, k, method, seed=seed)
+    assign = concepts.assign
+    shifts, counts = concept_shifts(h_base, h_tuned, assign, k)
+    global_shift = (h_tuned - h_base).double().mean(0).float()
+    sign = 1 if fit_on == "base" else -1  # the dictionary lives in the fitted model's space
+    if method == "kmeans":
+        match, match_cos = match_concepts(concepts.vectors + sign * shifts, other_concepts.vectors)
+    else:
+        match, match_cos = match_concepts(concepts.vectors, other_concepts.vectors, signed=False)
+    guesses = {"base": torch.zeros_like(h_base), "global": global_shift.expand_as(h_base), "concept": shifts[assign]}
+    scores = {name: recovery(h_base, h_tuned, g) for name, g in guesses.items()}
+    order = concepts.activations.masked_fill(assign[:, None] != torch.arange(k)[None], float("-inf"))
+    n_top = min(top, len(fit))
+    top_val, top_idx = order.topk(n_top, dim=0)  # [top, k]
+    top_items = torch.where(torch.isfinite(top_val), top_idx, -1).T.contiguous()
+    return {"concepts": concepts.vectors, "tuned_concepts": other_concepts.vectors, "shifts": shifts,
+            "global_shift": global_shift, "assign": assign, "activations": concepts.activations, "counts": counts,
+            "match": match, "match_cos": match_cos,
+            "cos": torch.stack([_per_concept(scores[n]["cos"], assign, k) for n in RECOVERY], -1),
+            "rel_error": torch.stack([_per_concept(scores[n]["rel_error"], assign, k) for n in RECOVERY], -1),
+            "top_items": top_items, "top_tokens": decode(concepts.vectors, w_u, tokenizer, top),
+            "shift_tokens": decode(shifts, w_u, tokenizer, top)}
+
+
+def decode(vectors: Float[Tensor, "n d_model"], w_u: Float[Tensor, "vocab d_model"], tokenizer, top: int = TOP
+           ) -> list[list[str]]:
+    """The `top` tokens each vector promotes through the unembedding (W_U v, no final norm)."""
+    return [tokenizer.convert_ids_to_tokens((w_u @ v).topk(top).indices.tolist()) for v in vectors]
+
+
+# ---------------------------------------------------------------------------------------------- steering
+
+def steering_edit(vector: Float[Tensor, " d_model"], layer: int | str, strength: float = 1.0, positions=None):
+    """The edit adding `strength * vector` at `resid_post.layer` (or at `final` for layer='final')."""
+    where = "final" if layer == "final" else f"resid_post.{int(layer)}"
+    return add(where, vector, scale=strength, positions=positions)
+
+
+@contextmanager
+def steer(model: Model, vector: Float[Tensor, " d_model"], layer: int | str, strength: float = 1.0, positions=None):
+    """Within the block, `model` (base or tuned) runs with `strength * vector` added at layer `layer`'s
+    residual output, at `positions` (default every position), for logits, loss and generation."""
+    with model.edit(steering_edit(vector, layer, strength, positions)):
+        yield model
+
+
+def next_token_kl(model: Model, target: Model, prompts, *, target_logprobs: Tensor | None = None,
+                  batch_size: int = 16) -> Float[Tensor, " prompt"]:
+    """KL(model || target) of the next-token distributions at each prompt's last token (nats)."""
+    p = _last_logprobs(model, prompts, batch_size)
+    q = _last_logprobs(target, prompts, batch_size) if target_logprobs is None else target_logprobs
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def _last_logprobs(model: Model, prompts, batch_size: int) -> Tensor:
+    logits = capture(model, prompts, [], positions="last", logits=True, batch_size=batch_size, progress=False)
+    return logits["logits"].double().log_softmax(-1)
+
+
+def strength_sweep(model: Model, target: Model, prompts: Sequence[str], vector: Tensor, layer: int | str,
+                   strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), *, positions=None,
+                   held_out: tuple[Sequence[str], Sequence[str]] | None = None, label: str = "shift") -> dict:
+    """KL(steered || target) on `prompts` and held-out accuracy (`held_out` = (prompts, answers)) for each
+    strength. Returns {"strength", "kl", "accuracy" (or None), "closure" (1 - KL / KL at strength 0), ...}."""
+    from interp.scoring import answer_scores
+
+    target_lp = _last_logprobs(target, prompts, 16)
+    start = float(next_token_kl(model, target, prompts, target_logprobs=target_lp).mean())
+    kl, acc = [], []
+    for s in strengths:
+        with steer(model, vector, layer, s, positions):
+            kl.append(float(next_token_kl(model, target, prompts, target_logprobs=target_lp).mean()))
+            if held_out is not None:
+                acc.append(float(answer_scores(model, *held_out).accuracy.mean()))
+    return {"label": label, "model": model.name, "target": target.name, "layer": layer,
+            "strength": [float(s) for s in strengths], "kl": kl, "kl_unsteered": start,
+            "closure": [1 - v / start if start > 0 else 0.0 for v in kl], "accuracy": acc if held_out else None}
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def plot_concept_table(result: ShiftResult, ax=None, layer: int | None = None, rows: int = 10):
+    """Concepts at `layer` (default the last measured): size, shift norm, top tokens, top prompt."""
+    if ax is None:
+        ax = figure(height=3.0)[1][0, 0]
+    i = result.layer_index(result.layers[-1] if layer is None else layer)
+    order = result.counts[i].argsort(descending=True)[:rows].tolist()
+    cells = []
+    for c in order:
+        top = int(result.top_items[i, c, 0])
+        prompt = result.highlighted(top) if top >= 0 else ""
+        cells.append([str(c), str(int(result.counts[i, c])), f"{float(result.shifts[i, c].norm()):.2f}",
+                      " ".join(result.top_tokens[i][c][:3]), prompt[-40:]])
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=["k", "n", "|shift|", "top tokens", "top prompt"], loc="center",
+                     cellLoc="left", colWidths=[0.06, 0.08, 0.1, 0.28, 0.48])
+    table.auto_set_font_size(False)
+    table.set_fontsize(5)
+    ax.set_title(f"{result.method} concepts, {result.site} layer {result.layers[i]}")
+    return ax
+
+
+def plot_shift_norms(result: ShiftResult, ax=None):
+    """||Delta_k|| per concept (columns) and layer (rows)."""
+    if ax is None:
+        ax = figure()[1][0, 0]
+    norms = result.shifts.norm(dim=-1).numpy()
+    image = ax.imshow(norms, aspect="auto", cmap="viridis")
+    ax.figure.colorbar(image, ax=ax, label=r"$\|\Delta_k\|$")
+    ax.set_yticks(range(len(result.layers)), [str(layer) for layer in result.layers])
+    step = max(1, result.k // 10)
+    ax.set_xticks(range(0, result.k, step), [str(c) for c in range(0, result.k, step)])
+    ax.set(xlabel="concept (each layer has its own dictionary)", ylabel="layer",
+           title=f"Concept shift norms ({_short(result.tuned)} vs {_short(result.base)})")
+    ax.grid(False)
+    return ax
+
+
+def plot_recovery(result: ShiftResult, ax=None, layer: int | None = None):
+    """Relative error ||h + shift - h_tuned|| / ||h_tuned|| per concept: h_base alone, + global, + concept."""
+    if ax is None:
+        ax = figure()[1][0, 0]
+    i = result.layer_index(result.layers[-1] if layer is None else layer)
+    x = torch.arange(result.k).numpy()
+    colors = (model_color("base"), "#c0c0c0", model_color("full"))
+    for j, (name, color) in enumerate(zip(RECOVERY, colors)):
+        label = {"base": r"$h_{base}$", "global": "+ global shift", "concept": "+ concept shift"}[name]
+        ax.bar(x + (j - 1) * 0.27, result.rel_error[i, :, j].numpy(), width=0.27, color=color, label=label)
+    step = max(1, result.k // 10)
+    ax.set_xticks(x[::step], [str(c) for c in x[::step]])
+    ax.set(xlabel="concept", ylabel="relative error to $h_{tuned}$", title=f"Recovery at layer {result.layers[i]}")
+    ax.set_ylim(0, 1.3 * float(result.rel_error[i].max()))
+    ax.legend(ncol=3, loc="upper center", frameon=False, fontsize=6)
+    return ax
+
+
+def plot_strength_sweep(sweep: dict, ax=None):
+    """KL(steered || target) against strength, and held-out accuracy (the side effect) on a twin axis."""
+    if ax is None:
+        ax = figure()[1][0, 0]
+    ax.plot(sweep["strength"], sweep["kl"], marker="o", color=model_color("full"), label="KL to target")
+    ax.set(xlabel="steering strength", ylabel="KL(steered || target)",
+           title=f"Steering {_short(sweep['model'])} with {sweep['label']} at layer {sweep['layer']}")
+    if sweep.get("accuracy"):
+        twin = ax.twinx()
+        twin.plot(sweep["strength"], sweep["accuracy"], marker="s", color=model_color("base"), ls="--",
+                  label="held-out accuracy")
+        twin.set(ylabel="held-out accuracy", ylim=(0, 1.05))
+        twin.grid(False)
+    return ax
+
+
+def _short(name: str) -> str:
+    return Path(name).name or name
+
+
+def save_figures(result: ShiftResult, sweep: dict | None, out: str | Path) -> list[Path]:
+    """Every shift figure for a saved result (and sweep) into `out` (PDF and PNG each)."""
+    out = Path(out)
+    written = []
+    for name, draw, height in (("shift_concepts", plot_concept_table, 3.0), ("shift_norms", plot_shift_norms, 2.4),
+                               ("shift_recovery", plot_recovery, 2.4)):
+        fig, ax = figure(height=height)
+        draw(result, ax[0, 0])
+        written += save_figure(fig, out / name)
+    if sweep is not None:
+        fig, ax = figure()
+        plot_strength_sweep(sweep, ax[0, 0])
+        written += save_figure(fig, out / "shift_steering")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from interp.cli import add_pair_arguments
+
+    add_pair_arguments(parser)
+    parser.add_argument("--layers", type=int, nargs="+", help="layers to analyse (default: all)")
+    parser.add_argument("--site", default="resid_post", choices=("resid_post", "final"),
+                        help="representation: residual stream after each layer, or the final-norm output")
+    parser.add_argument("--method", default="kmeans", choices=METHODS)
+    parser.add_argument("--k", type=int, default=20, help="number of concepts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fit-on", default="base", choices=("base", "tuned"))
+    parser.add_argument("--steer-layer", type=int, help="layer to steer at (default: the one with the lowest "
+                                                         "KL at strength 1 of the global shift)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+
+def run_cli(args) -> None:
+    from interp.cli import prompts_from_args
+    from interp.models import load_pair
+
+    prompts = prompts_from_args(args, args.tuned)
+    pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
+    result = measure(pair, prompts, layers=args.layers, site=args.site, method=args.method, k=min(args.k, len(prompts)),
+                     seed=args.seed, fit_on=args.fit_on)
+    layer = args.steer_layer if args.steer_layer is not None else best_layer(pair, prompts, result)
+    vector = result.global_shift[0] if result.site == "final" else result.shift(layer)
+    sweep = strength_sweep(pair.base, pair.tuned, prompts, vector, layer, args.strengths,
+                           held_out=_held_out(args), label="global shift")
+    write(result, sweep, args.out)
+    frame = result.to_frame()
+    print(f"shift written to {args.out}: {len(frame)} concept rows; mean relative error base "
+          f"{frame.rel_error_base.mean():.3f}, global {frame.rel_error_global.mean():.3f}, concept "
+          f"{frame.rel_error_concept.mean():.3f}; steering at layer {layer}: KL {sweep['kl_unsteered']:.3f} -> "
+          f"{min(sweep['kl']):.3f}")
+
+
+def best_layer(pair: Pair, prompts: Sequence[str], result: ShiftResult) -> int | str:
+    """The measured layer at which adding the global shift to the base (strength 1) gives the lowest KL to the
+    tuned model on `prompts`."""
+    if result.site == "final":
+        return "final"
+    target = _last_logprobs(pair.tuned, prompts, 16)
+    kls = []
+    for layer in result.layers:
+        with steer(pair.base, result.shift(layer), layer):
+            kls.append(float(next_token_kl(pair.base, pair.tuned, prompts, target_logprobs=target).mean()))
+    return result.layers[min(range(len(kls)), key=kls.__getitem__)]
+
+
+def _held_out(args) -> tuple[list[str], list[str]] | None:
+    """On zoo models: the first pre-training skill's test prompts and answers; otherwise none."""
+    if args.prompts is not None or not str(args.tuned).startswith("zoo:"):
+        return None
+    from interp import zoo
+
+    examples = zoo.task_prompts(zoo.SKILLS[0], args.n_prompts, split="test")
+    return [e.prompt for e in examples], [e.answer for e in examples]
+
+
+def write(result: ShiftResult, sweep: dict | None, out: str | Path) -> None:
+    """Result (tensors + CSV) and figures into `out`; `redraw(out)` re-draws the figures from these files."""
+    out = Path(out)
+    result.save(out / "result")
+    result.to_frame().to_csv(out / "shift.csv", index=False)
+    if sweep is not None:
+        (out / "steering.json").write_text(json.dumps(sweep, indent=1))
+    save_figures(result, sweep, out / "figures")
+
+
+def redraw(out: str | Path) -> list[Path]:
+    """Re-draw every figure from the files saved by `write` (no model is run)."""
+    out = Path(out)
+    sweep = json.loads((out / "steering.json").read_text()) if (out / "steering.json").is_file() else None
+    return save_figures(ShiftResult.load(out / "result"), sweep, out / "figures")
