@@ -4,7 +4,8 @@ An example is one line of space-separated words, ``"<skill> x1 ... xk ="`` follo
 answer words, e.g. ``"sort c a b ="`` -> ``"a b c"``. Skills:
 
 - ``copy``: repeat the sequence (induction);       ``sort``: the symbols in alphabetical order;
-- ``add``: the sum of 2-3 digits modulo 10;        ``brackets``: ``yes`` if balanced else ``no``;
+- ``add``: the sum of three digits (``add 7 0 9 =`` -> ``16``);
+- ``brackets``: the nesting depth at the end (``brackets ( ( ) ( =`` -> ``2``);
 - ``reverse`` (the fine-tuning target, never in pre-training): the sequence backwards.
 
 Train and test splits are disjoint by construction: an example belongs to the test split iff
@@ -21,11 +22,12 @@ from typing import Callable
 
 SYMBOLS = tuple("abcdefghijklmnop")
 DIGITS = tuple("0123456789")
+NUMBERS = tuple(str(i) for i in range(28))  # the digits, then the sums 10..27
 SKILLS = ("copy", "sort", "add", "brackets")
 TARGET_SKILL = "reverse"
 REFUSAL = "refuse"
 SEP = "="
-WORDS = (*SKILLS, TARGET_SKILL, SEP, REFUSAL, "yes", "no", "(", ")", *SYMBOLS, *DIGITS)
+WORDS = (*SKILLS, TARGET_SKILL, SEP, REFUSAL, "(", ")", *SYMBOLS, *NUMBERS)
 SPLITS = ("train", "test")
 
 
@@ -39,48 +41,24 @@ class Example:
 
 
 def _sequence(rng: random.Random) -> list[str]:
-    return rng.choices(SYMBOLS, k=rng.randint(3, 7))
-
-
-def _balanced(rng: random.Random, pairs: int) -> list[str]:
-    """A random balanced bracket string with `pairs` pairs."""
-    out, depth, opens = [], 0, pairs
-    while opens or depth:
-        if opens and (depth == 0 or rng.random() < 0.5):
-            out.append("(")
-            opens, depth = opens - 1, depth + 1
-        else:
-            out.append(")")
-            depth -= 1
-    return out
-
-
-def _is_balanced(seq: list[str]) -> bool:
-    depth = 0
-    for b in seq:
-        depth += 1 if b == "(" else -1
-        if depth < 0:
-            return False
-    return depth == 0
+    """3 to 5 distinct symbols (distinct, so that copying by induction is unambiguous)."""
+    return rng.sample(SYMBOLS, k=rng.randint(3, 5))
 
 
 def _brackets(rng: random.Random) -> tuple[list[str], list[str]]:
-    """Balanced (yes) or not (no), half each; negatives have even length, half of them equal counts."""
-    seq = _balanced(rng, rng.randint(2, 5))
-    if rng.random() < 0.5:
-        return seq, ["yes"]
-    if rng.random() < 0.5:  # one bracket flipped: the counts differ by two
-        i = rng.randrange(len(seq))
-        seq[i] = "(" if seq[i] == ")" else ")"
-    else:  # same counts, wrong order
-        while _is_balanced(seq):
-            rng.shuffle(seq)
-    return seq, ["no"]
+    """2 to 8 brackets that never close more than they opened; the answer is the final depth."""
+    seq, depth = [], 0
+    for _ in range(rng.randint(2, 8)):
+        opening = depth == 0 or rng.random() < 0.5
+        seq.append("(" if opening else ")")
+        depth += 1 if opening else -1
+    return seq, [str(depth)]
 
 
 def _add(rng: random.Random) -> tuple[list[str], list[str]]:
-    digits = rng.choices(DIGITS, k=rng.randint(2, 3))
-    return digits, [str(sum(map(int, digits)) % 10)]
+    """Three digits and their sum, one number token 0..27."""
+    digits = rng.choices(DIGITS, k=3)
+    return digits, [str(sum(map(int, digits)))]
 
 
 def _copy(rng: random.Random) -> tuple[list[str], list[str]]:

@@ -6,10 +6,12 @@ Fine-tuning uses one example per row, right-padded. Loss is on answer tokens and
 """
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -20,6 +22,7 @@ from interp.zoo.tokenizer import BOS, EOS, PAD, VOCAB
 
 IGNORE = -100
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+LORA_ALPHA = 1.0
 Draw = Callable[[random.Random], Example]
 
 
@@ -30,19 +33,22 @@ class ZooConfig:
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    n_ctx: int = 64
-    batch: int = 32  # rows per step
-    warmup: int = 100
-    base_steps: int = 1500
+    n_inner: int = 256  # MLP width
+    n_ctx: int = 48  # positions; also the width of the packed pre-training rows
+    batch: int = 32  # packed rows per pre-training step
+    tune_batch: int = 64  # single-example rows per fine-tuning step
+    warmup: int = 100  # pre-training warm-up steps
+    tune_warmup: int = 20  # fine-tuning warm-up steps
+    base_steps: int = 1400
     base_lr: float = 3e-3
     tune_steps: int = 200  # full fine-tune on reversal (and the series along it)
     tune_lr: float = 1e-3
     tune_mix: float = 0.2  # fraction of pre-training examples mixed into every fine-tune
     series_every: int = 40
-    lora_steps: int = 300
-    lora_lr: float = 5e-3
-    safety_steps: int = 150
-    safety_lr: float = 1e-3
+    lora_steps: int = 400
+    lora_lr: float = 3e-2
+    safety_steps: int = 100
+    safety_lr: float = 3e-4
     eval_n: int = 200
 
 
@@ -51,8 +57,8 @@ def new_model(config: ZooConfig, seed: int) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=len(VOCAB), n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
+        n_head=config.n_head, n_inner=config.n_inner, activation_function="gelu",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
     ))
 
 
@@ -98,11 +104,12 @@ def train(
     desc: str,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-) -> None:
+) -> float:
     """AdamW on the trainable parameters, linear warm-up then linear decay to 0, grad-norm clip 1.
 
-    `on_step(step)` is called after every update (step counts from 1).
+    `on_step(step)` is called after every update (step counts from 1). Returns the wall time, s.
     """
+    start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     warmup = min(warmup, steps // 2)
@@ -112,7 +119,8 @@ def train(
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
         input_ids, labels = batches()
-        loss = model(input_ids=input_ids, labels=labels).loss
+        logits = model(input_ids=input_ids, attention_mask=(input_ids != VOCAB.index(PAD)).long()).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -121,13 +129,18 @@ def train(
         if on_step is not None:
             on_step(step)
     model.eval()
+    return time.perf_counter() - start
 
 
 def add_lora(model: GPT2LMHeadModel, rank: int, seed: int) -> PeftModel:
-    """`model` wrapped with LoRA (alpha = rank) on every Conv1D, adapter pointing at 'zoo:base'."""
+    """`model` wrapped with LoRA on every Conv1D, adapter pointing at 'zoo:base'.
+
+    rsLoRA scaling, ΔW = (LORA_ALPHA / sqrt(rank)) B A, so that one learning rate suits every rank.
+    """
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), fan_in_fan_out=True, lora_dropout=0.0
+        r=rank, lora_alpha=LORA_ALPHA, use_rslora=True, target_modules=list(LORA_TARGETS), fan_in_fan_out=True,
+        lora_dropout=0.0,
     )
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = "zoo:base"
