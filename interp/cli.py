@@ -91,6 +91,7 @@ ANALYSES = {
     "tuco": "TuCo: pre-training vs fine-tuning components, Tuning Contribution, alpha steering",
     "intruders": "LoRA intruder dimensions: singular-vector similarity, counts over epsilon, lambda steering",
     "shift": "Concept shift vectors: concept dictionaries, per-concept shifts, recovery, shift steering",
+    "lid": "Local intrinsic dimension: token point clouds, LID per layer/model/checkpoint, on-manifold steering",
 }
 """Analysis modules in `analyses/`, each with add_arguments(parser) and run_cli(args)."""
 

@@ -11,9 +11,11 @@ from scipy.spatial.distance import cdist
 
 from analyses.lid_estimators import (
     deduplicate,
+    distinct_rows,
     knn,
     levina_bickel_global,
     levina_bickel_local,
+    neighbourhood_twonn,
     twonn_global,
     twonn_local,
 )
@@ -75,10 +77,17 @@ def reference_twonn_fit(mu: np.ndarray, discard_fraction: float, method: str) ->
 def reference_twonn_local(
     points: np.ndarray, k: int, discard_fraction: float, method: str
 ) -> np.ndarray:
+    hoods = np.argsort(distance_matrix(points), axis=1)[:, :k]
+    return reference_twonn_of_hoods(points, hoods, discard_fraction, method)
+
+
+def reference_twonn_of_hoods(
+    points: np.ndarray, hoods: np.ndarray, discard_fraction: float, method: str
+) -> np.ndarray:
+    """TwoNN of each neighbourhood (a row of indices into points) from its own distance matrix."""
     distances = distance_matrix(points)
     estimates = []
-    for row in distances:
-        hood = np.argsort(row)[:k]
+    for hood in hoods:
         nearest = np.sort(distances[np.ix_(hood, hood)], axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             mu = nearest[:, 1] / nearest[:, 0]
@@ -119,6 +128,47 @@ def test_deduplicate_keeps_first_occurrences_in_order():
     a, b, c = torch.eye(3)
     unique = deduplicate(torch.stack([b, a, b, c, a]))
     torch.testing.assert_close(unique, torch.stack([b, a, c]))
+
+
+def test_knn_of_query_points_matches_brute_force():
+    points, queries = swiss_roll(300, seed=13), swiss_roll(40, seed=14)
+    distances, indices = knn(points, 7, queries=queries, dtype=torch.float64, chunk_size=9)
+    brute = cdist(queries.numpy(), points.numpy())
+    np.testing.assert_array_equal(indices.numpy(), np.argsort(brute, axis=1)[:, :7])
+    np.testing.assert_allclose(distances.numpy(), np.sort(brute, axis=1)[:, :7], rtol=1e-12)
+    itself, at = knn(points, 3, queries=points[:5])  # a query equal to a point finds it, at 0
+    assert (itself[:, 0] == 0).all() and at[:, 0].tolist() == list(range(5))
+    assert knn(points[:10], 10, queries=queries)[1].shape == (40, 10)  # every point may be a neighbour
+
+
+def test_distinct_rows_are_first_occurrences():
+    a, b = torch.eye(2)
+    assert distinct_rows(torch.stack([b, a, b, b, a])).tolist() == [0, 1]
+
+
+# TwoNN on given neighbourhoods: members' nearest fellow members read from their own neighbour lists
+
+
+@pytest.mark.parametrize(("width", "memory_budget"), [(2, 2**30), (12, 200_000), (20, 200_000), (40, 2**30)])
+def test_neighbourhood_twonn_with_any_list_width_matches_reference(width, memory_budget):
+    """Lists shorter than the neighbourhood send most members to the direct fallback (width 2), some
+    past the first 16 entries (20), or none (40): every path gives the reference numbers, in chunks
+    of about 100 neighbourhoods with the small budget."""
+    points = swiss_roll(300, seed=12)
+    _, hoods = knn(points, 40, dtype=torch.float64)
+    distances, neighbours = knn(points, width, dtype=torch.float64)
+    ours = neighbourhood_twonn(points, distances, neighbours, hoods, 0.1, memory_budget=memory_budget)
+    expected = reference_twonn_of_hoods(points.numpy(), hoods.numpy(), 0.1, "linear")
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6)
+
+
+def test_neighbourhood_twonn_at_query_points_matches_reference():
+    points, queries = swiss_roll(300, seed=15), swiss_roll(30, seed=16)
+    _, hoods = knn(points, 40, queries=queries, dtype=torch.float64)
+    distances, neighbours = knn(points, 40, dtype=torch.float64)
+    ours = neighbourhood_twonn(points, distances, neighbours, hoods, 0.1, method="mle")
+    expected = reference_twonn_of_hoods(points.numpy(), hoods.numpy(), 0.1, "mle")
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6)
 
 
 def test_knn_refuses_too_many_neighbours():
