@@ -46,8 +46,8 @@ class ZooConfig:
     tune_mix: float = 0.2  # fraction of pre-training examples mixed into every fine-tune
     series_every: int = 40
     lora_steps: int = 400
-    lora_lr: float = 4e-2
-    safety_steps: int = 60
+    lora_lr: float = 3e-2
+    safety_steps: int = 100
     safety_lr: float = 3e-4
     eval_n: int = 200
 
