@@ -9,9 +9,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
+import importlib
+
 import interp.zoo as zoo
-import interp.zoo.build as zoo_build
 from interp.zoo.tasks import split_of
+
+registry = importlib.import_module("interp.zoo.build")  # `interp.zoo.build` the attribute is the function
 from interp.zoo.train import LORA_TARGETS, answer_accuracy
 
 ALL_SKILLS = (*zoo.SKILLS, zoo.TARGET_SKILL)
@@ -33,7 +36,7 @@ def tensors(root: Path) -> dict[str, torch.Tensor]:
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zoo-a")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(zoo_build.ENV_VAR, str(root))
+        mp.setenv(registry.ENV_VAR, str(root))
         zoo.build(seed=0, config=TINY, progress=False)
     return root
 
@@ -85,18 +88,22 @@ def test_tokenizer_round_trips_every_prompt() -> None:
         assert tok.convert_ids_to_tokens(ids[1:]) == text.split()
 
 
-def test_attack_prompts_prefix_their_clean_prompt() -> None:
+def test_attack_prompts_fill_the_context_before_their_clean_prompt() -> None:
+    tok = zoo.build_tokenizer(48)
     attacks = zoo.attack_prompts(50, seed=2)
-    assert attacks == zoo.attack_prompts(50, seed=2)
+    assert attacks == zoo.attack_prompts(50, seed=2) and attacks != zoo.attack_prompts(50, seed=3)
+    assert [a.clean for a in attacks] == [e.prompt for e in zoo.task_prompts(zoo.RESTRICTED, 50, seed=2)]
     for a in attacks:
-        assert a.attack.endswith(" " + a.clean) and a.clean.startswith(zoo.RESTRICTED + " ")
-        assert a.attack.count("<eos>") == 2
+        assert a.attack.endswith(" " + a.clean)
+        shots = a.attack[: -len(a.clean)].split("<eos>")[:-1]
+        assert len(shots) >= 3 and not any(s.split()[0] == zoo.RESTRICTED for s in shots)
+        assert 48 - 15 < len(tok(a.attack)["input_ids"]) <= 48  # no further example of up to 15 tokens fits
 
 
 # --- the tiny build --------------------------------------------------------------------------
 
 def test_build_is_bit_for_bit_reproducible(tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
     zoo.build(seed=0, config=TINY, progress=False)
     a, b = tensors(tiny_zoo), tensors(tmp_path)
     assert len(a) > 100 and a.keys() == b.keys()
@@ -105,14 +112,14 @@ def test_build_is_bit_for_bit_reproducible(tiny_zoo: Path, tmp_path: Path, monke
 
 
 def test_another_seed_gives_other_weights(tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
     zoo.build(seed=1, names=["base"], config=TINY, progress=False)
     a, b = tensors(tiny_zoo / "base"), tensors(tmp_path / "base")
     assert not torch.equal(a["model.safetensors::transformer.wte.weight"], b["model.safetensors::transformer.wte.weight"])
 
 
 def test_tiny_zoo_layout(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tiny_zoo))
+    monkeypatch.setenv(registry.ENV_VAR, str(tiny_zoo))
     listed = {m["name"]: m for m in zoo.list_models()}
     assert list(listed) == list(zoo.MODEL_NAMES) and all(m["built"] for m in listed.values())
     for name in zoo.MODEL_NAMES:
@@ -146,12 +153,12 @@ def test_lora_merges_into_targeted_modules_only(tiny_zoo: Path, name: str) -> No
 
 
 def test_cached_models_are_reused(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tiny_zoo))
+    monkeypatch.setenv(registry.ENV_VAR, str(tiny_zoo))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was retrained")
 
-    monkeypatch.setattr(zoo_build, "train", no_training)
+    monkeypatch.setattr(registry, "train", no_training)
     paths = zoo.build(seed=0, config=TINY, progress=False)
     assert paths == {name: tiny_zoo / name for name in zoo.MODEL_NAMES}
     with pytest.raises(AssertionError, match="retrained"):  # another config is not the cached one
@@ -159,14 +166,14 @@ def test_cached_models_are_reused(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tmp_path))
-    save = zoo_build._save
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    save = registry._save
 
     def save_then_crash(model, tokenizer, folder, info):
         save(model, tokenizer, folder, info)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo_build, "_save", save_then_crash)
+    monkeypatch.setattr(registry, "_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         zoo.build(seed=0, names=["base"], config=TINY, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -175,14 +182,14 @@ def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path: Path, monke
 
 
 def test_model_path_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(zoo_build.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
     assert zoo.zoo_dir() == tmp_path
     with pytest.raises(ValueError, match="valid names: base, full"):
         zoo.model_path("lora-r2")
     with pytest.raises(FileNotFoundError, match="not built yet"):
         zoo.model_path("full")
     assert zoo.is_lora("lora-r8") and not zoo.is_lora("full")
-    monkeypatch.delenv(zoo_build.ENV_VAR)
+    monkeypatch.delenv(registry.ENV_VAR)
     assert zoo.zoo_dir() == Path.home() / ".cache" / "interp" / "zoo"
 
 
