@@ -32,7 +32,7 @@ def run_demo(out: Path, base: str = "zoo:base", tuned: str = "zoo:full", device:
     pair = load_pair(base, tuned, device=device, backend=backend)
     examples = zoo.task_prompts(zoo.TARGET_SKILL, n_prompts, split="test")
     prompts = [e.prompt for e in examples]
-    first = torch.tensor([pair.base.tokenizer(e.answer)["input_ids"][0] for e in examples])
+    first = torch.tensor([pair.base.tokenizer(e.answer, add_special_tokens=False)["input_ids"][0] for e in examples])
     sites = every_layer("resid_post", pair.base.n_layers)
 
     acts = {m.name: capture(m, prompts, sites, positions="last", logits=True) for m in pair.models}
@@ -71,7 +71,7 @@ def run_demo(out: Path, base: str = "zoo:base", tuned: str = "zoo:full", device:
     summary = {"base": pair.base.name, "tuned": pair.tuned.name, "n_prompts": len(prompts), "backend": backend,
                "relative_shift_per_layer": moved, "steer_layer": layer,
                "steering": [{"scale": s, "p_answer": p, "accuracy": a} for s, p, a in sweep],
-               "tuned": {"p_answer": tuned_prob, "accuracy": tuned_acc}}
+               "tuned_answer": {"p_answer": tuned_prob, "accuracy": tuned_acc}}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     rows = "".join(f"<tr><td>{s:g}</td><td>{p:.3f}</td><td>{a:.1%}</td></tr>" for s, p, a in sweep)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>interp demo</title>
