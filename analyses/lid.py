@@ -791,12 +791,10 @@ def add_arguments(parser) -> None:
 
 
 def run_cli(args) -> None:
-    from analyses.tuco import _prompt_sets  # zoo default: target skill and pre-training skills, as TuCo
-    from interp.cli import prompts_from_args
+    from interp.cli import prompt_sets
     from interp.models import load_pair, load_series
-    from interp.prompts import read_prompts
 
-    sets = _prompt_sets(args, prompts_from_args, read_prompts)
+    sets = prompt_sets(args)
     pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
     layers = [_layer_arg(v) for v in args.layers] if args.layers else list(range(pair.base.n_layers))
     kw = dict(k=args.k, n_tokens=args.n_tokens, estimator=args.estimator, seed=args.seed,

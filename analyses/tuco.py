@@ -306,33 +306,16 @@ def add_arguments(parser) -> None:
 
 
 def run_cli(args) -> None:
-    from interp.cli import prompts_from_args
+    from interp.cli import prompt_sets
     from interp.models import load_pair
-    from interp.prompts import read_prompts
 
-    sets = _prompt_sets(args, prompts_from_args, read_prompts)
+    sets = prompt_sets(args)
     pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
     results = [measure(pair, texts, label=label, sublayers=args.sublayers) for label, (texts, _) in sets.items()]
     label, (texts, answers) = next(iter(sets.items()))
     sweep = alpha_sweep(pair, texts, answers, alphas=args.alphas)
     write(results, sweep, args.out)
     print(f"TuCo written to {args.out}: " + ", ".join(f"{r.label} mean {float(r.tuco().mean()):.3f}" for r in results))
-
-
-def _prompt_sets(args, prompts_from_args, read_prompts) -> dict[str, tuple[list[str], list[str] | None]]:
-    """label -> (prompts, answers or None). On zoo models: the target skill and the pre-training skills."""
-    if args.prompts is None and str(args.tuned).startswith("zoo:") and args.prompts_b is None:
-        from interp import zoo
-
-        target = zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")
-        mixed = [e for skill in zoo.SKILLS for e in zoo.task_prompts(skill, args.n_prompts // len(zoo.SKILLS),
-                                                                      split="test")]
-        return {zoo.TARGET_SKILL: ([e.prompt for e in target], [e.answer for e in target]),
-                "pre-training": ([e.prompt for e in mixed], None)}
-    sets = {Path(args.prompts).stem if args.prompts else "prompts": (prompts_from_args(args, args.tuned), None)}
-    if args.prompts_b is not None:
-        sets[Path(args.prompts_b).stem] = (read_prompts(args.prompts_b), None)
-    return sets
 
 
 def write(results: Sequence[TuCoResult], sweep: dict | None, out: str | Path) -> None:

@@ -40,6 +40,25 @@ def prompts_from_args(args, model_spec: str) -> list[str]:
     return [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")]
 
 
+def prompt_sets(args) -> dict[str, tuple[list[str], list[str] | None]]:
+    """label -> (prompts, answers or None) from --prompts and --prompts-b; on zoo models without prompt files,
+    the target skill's prompts (with answers) and the pre-training skills' prompts."""
+    from interp.prompts import read_prompts
+
+    if args.prompts is None and str(args.tuned).startswith("zoo:") and args.prompts_b is None:
+        from interp import zoo
+
+        target = zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")
+        mixed = [e for skill in zoo.SKILLS for e in zoo.task_prompts(skill, args.n_prompts // len(zoo.SKILLS),
+                                                                      split="test")]
+        return {zoo.TARGET_SKILL: ([e.prompt for e in target], [e.answer for e in target]),
+                "pre-training": ([e.prompt for e in mixed], None)}
+    sets = {Path(args.prompts).stem if args.prompts else "prompts": (prompts_from_args(args, args.tuned), None)}
+    if args.prompts_b is not None:
+        sets[Path(args.prompts_b).stem] = (read_prompts(args.prompts_b), None)
+    return sets
+
+
 def _zoo_build(args) -> None:
     from interp import zoo
 
