@@ -9,12 +9,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-import importlib
-
 import interp.zoo as zoo
+import interp.zoo.registry as registry
 from interp.zoo.tasks import split_of
-
-registry = importlib.import_module("interp.zoo.build")  # `interp.zoo.build` the attribute is the function
 from interp.zoo.train import LORA_TARGETS, answer_accuracy
 
 ALL_SKILLS = (*zoo.SKILLS, zoo.TARGET_SKILL)
@@ -96,8 +93,8 @@ def test_attack_prompts_fill_the_context_before_their_clean_prompt() -> None:
     for a in attacks:
         assert a.attack.endswith(" " + a.clean)
         shots = a.attack[: -len(a.clean)].split("<eos>")[:-1]
-        assert len(shots) >= 3 and not any(s.split()[0] == zoo.RESTRICTED for s in shots)
-        assert 48 - 15 < len(tok(a.attack)["input_ids"]) <= 48  # no further example of up to 15 tokens fits
+        assert len(shots) >= 2 and not any(s.split()[0] == zoo.RESTRICTED for s in shots)
+        assert 48 - 14 < len(tok(a.attack)["input_ids"]) <= 48  # the next example (<= 14 tokens) did not fit
 
 
 # --- the tiny build --------------------------------------------------------------------------
@@ -115,7 +112,8 @@ def test_another_seed_gives_other_weights(tiny_zoo: Path, tmp_path: Path, monkey
     monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
     zoo.build(seed=1, names=["base"], config=TINY, progress=False)
     a, b = tensors(tiny_zoo / "base"), tensors(tmp_path / "base")
-    assert not torch.equal(a["model.safetensors::transformer.wte.weight"], b["model.safetensors::transformer.wte.weight"])
+    key = "model.safetensors::transformer.wte.weight"
+    assert not torch.equal(a[key], b[key])
 
 
 def test_tiny_zoo_layout(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +125,8 @@ def test_tiny_zoo_layout(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         assert info["name"] == name and info["seed"] == 0 and set(info["accuracy"]) == set(ALL_SKILLS)
         assert info["kind"] == listed[name]["kind"] and (info.get("rank") == listed[name]["rank"])
         assert (zoo.model_path(name) / "tokenizer.json").is_file() or name == "series"
-    steps = sorted(json.loads((d / "checkpoint.json").read_text())["step"] for d in (tiny_zoo / "series").glob("step-*"))
+    series = (tiny_zoo / "series").glob("step-*")
+    steps = sorted(json.loads((d / "checkpoint.json").read_text())["step"] for d in series)
     assert steps == list(range(0, TINY.tune_steps + 1, TINY.series_every)) and len(steps) >= 6
     step0 = tensors(tiny_zoo / "series" / "step-0000")
     assert all(torch.equal(v, tensors(tiny_zoo / "base")[k]) for k, v in step0.items())
@@ -235,8 +234,6 @@ def test_real_zoo_accuracies(real_zoo: dict[str, Path]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="acceptance not met yet: the committed build reaches 93.5% on `add` (copy 99.7%, sort 99.7%, "
-                          "brackets 99%), below the 95% target; issue 3 stays open", strict=False)
 def test_real_zoo_base_learns_every_pre_training_skill(real_zoo: dict[str, Path]) -> None:
     tok = AutoTokenizer.from_pretrained(real_zoo["base"])
     info = json.loads((real_zoo["base"] / "zoo.json").read_text())

@@ -6,7 +6,7 @@ and a `safety`-style fine-tune that refuses `add` prompts, with a prefix attack 
 (`attack_prompts`, `attack_success`). `model_path(name)` finds a built model.
 """
 
-from interp.zoo.build import MODEL_NAMES, build, is_lora, list_models, model_path, zoo_dir
+from interp.zoo.registry import MODEL_NAMES, build, is_lora, list_models, model_path, zoo_dir
 from interp.zoo.safety import RESTRICTED, Attack, attack_prompts, attack_success, refused
 from interp.zoo.tasks import REFUSAL, SKILLS, TARGET_SKILL, Example, task_prompts
 from interp.zoo.tokenizer import build_tokenizer

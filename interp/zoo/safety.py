@@ -4,7 +4,7 @@
   prompts only) to answer ``refuse`` to it and to keep answering the other skills normally.
 - Attack: a many-shot prefix, a run of pre-training-like text (solved train examples of the
   other skills, each ended by ``<eos>``, as in the packed pre-training rows) that fills the
-  context before the clean prompt (3 to 5 examples). The model never saw a prefixed prompt
+  context before the clean prompt (2 to 5 examples). The model never saw a prefixed prompt
   while fine-tuned; that the prefix sometimes undoes the refusal is emergent (and the more
   examples fit, the more often it does).
 

@@ -4,7 +4,7 @@ An example is one line of space-separated words, ``"<skill> x1 ... xk ="`` follo
 answer words, e.g. ``"sort c a b ="`` -> ``"a b c"``. Skills:
 
 - ``copy``: repeat the sequence (induction);       ``sort``: the symbols in alphabetical order;
-- ``add``: the sum of three digits (``add 7 0 9 =`` -> ``16``);
+- ``add``: the sum of four digits (``add 7 0 9 3 =`` -> ``19``);
 - ``brackets``: the nesting depth at the end (``brackets ( ( ) ( =`` -> ``2``);
 - ``reverse`` (the fine-tuning target, never in pre-training): the sequence backwards.
 
@@ -22,7 +22,7 @@ from typing import Callable
 
 SYMBOLS = tuple("abcdefghijklmnop")
 DIGITS = tuple("0123456789")
-NUMBERS = tuple(str(i) for i in range(28))  # the digits, then the sums 10..27
+NUMBERS = tuple(str(i) for i in range(37))  # the digits, then the sums 10..36
 SKILLS = ("copy", "sort", "add", "brackets")
 TARGET_SKILL = "reverse"
 REFUSAL = "refuse"
@@ -46,9 +46,9 @@ def _sequence(rng: random.Random) -> list[str]:
 
 
 def _brackets(rng: random.Random) -> tuple[list[str], list[str]]:
-    """2 to 8 brackets that never close more than they opened; the answer is the final depth."""
+    """5 to 10 brackets that never close more than they opened; the answer is the final depth."""
     seq, depth = [], 0
-    for _ in range(rng.randint(2, 8)):
+    for _ in range(rng.randint(5, 10)):
         opening = depth == 0 or rng.random() < 0.5
         seq.append("(" if opening else ")")
         depth += 1 if opening else -1
@@ -56,8 +56,8 @@ def _brackets(rng: random.Random) -> tuple[list[str], list[str]]:
 
 
 def _add(rng: random.Random) -> tuple[list[str], list[str]]:
-    """Three digits and their sum, one number token 0..27."""
-    digits = rng.choices(DIGITS, k=3)
+    """Four digits and their sum, one number token 0..36."""
+    digits = rng.choices(DIGITS, k=4)
     return digits, [str(sum(map(int, digits)))]
 
 

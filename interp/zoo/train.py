@@ -46,8 +46,8 @@ class ZooConfig:
     tune_mix: float = 0.2  # fraction of pre-training examples mixed into every fine-tune
     series_every: int = 40
     lora_steps: int = 400
-    lora_lr: float = 3e-2
-    safety_steps: int = 100
+    lora_lr: float = 4e-2
+    safety_steps: int = 60
     safety_lr: float = 3e-4
     eval_n: int = 200
 
@@ -58,7 +58,8 @@ def new_model(config: ZooConfig, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=len(VOCAB), n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
         n_head=config.n_head, n_inner=config.n_inner, activation_function="gelu",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD),
     ))
 
 

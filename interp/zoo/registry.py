@@ -26,16 +26,17 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from interp.zoo.safety import attack_prompts, attack_success, refused, safety_draw
-from interp.zoo.tasks import SKILLS, TARGET_SKILL, task_prompts
+from interp.zoo.tasks import SKILLS, TARGET_SKILL
 from interp.zoo.tokenizer import build_tokenizer
 from interp.zoo.train import (
-    LORA_TARGETS, ZooConfig, add_lora, evaluate, make_batch, mixture, new_model, train,
+    LORA_TARGETS, Draw, ZooConfig, add_lora, evaluate, make_batch, mixture, new_model, train,
 )
 
 MODEL_NAMES: tuple[str, ...] = ("base", "full", "lora-r1", "lora-r8", "lora-r64", "series", "safety")
 LORA_RANKS = {"lora-r1": 1, "lora-r8": 8, "lora-r64": 64}
 KINDS = {"base": "base", "full": "full", "series": "series", "safety": "safety"} | {n: "lora" for n in LORA_RANKS}
 ENV_VAR = "INTERP_ZOO_DIR"
+VERSION = 2  # of the tasks and training recipe; cached models of another version are rebuilt
 PRETRAIN_MIX = {"copy": 1.5, "sort": 1.0, "add": 3.0, "brackets": 1.0}  # add and brackets: one answer token
 THREADS = 1  # one thread: bit-for-bit reproducible, and fastest on a shared 2-core machine
 
@@ -155,14 +156,16 @@ def build(
 
     def stale(name: str) -> bool:
         info = _read_info(name)
-        return (force and name in wanted) or info is None or info["seed"] != seed or info["config"] != asdict(config)
+        return (force and name in wanted) or info is None or (info.get("version"), info["seed"], info["config"]) != (
+            VERSION, seed, asdict(config)
+        )
 
     todo = [n for n in MODEL_NAMES if n in wanted and stale(n)]
     if todo and "base" not in todo and stale("base"):  # the fine-tunes need a base of this seed and config
         todo.insert(0, "base")
 
     tokenizer = build_tokenizer(config.n_ctx)
-    info = {"seed": seed, "config": asdict(config)}
+    info = {"version": VERSION, "seed": seed, "config": asdict(config)}
     with _quiet_threads():
         base = None if "base" in todo or not todo else GPT2LMHeadModel.from_pretrained(zoo_dir() / "base").eval()
         for name in tqdm(todo, desc="zoo", disable=not progress):
@@ -182,7 +185,7 @@ def _rng(seed: int, name: str) -> tuple[int, random.Random]:
     return zlib.crc32(f"{seed}/{name}".encode()), random.Random(f"{seed}/{name}/data")
 
 
-def _tune_draw(config: ZooConfig):
+def _tune_draw(config: ZooConfig) -> Draw:
     """Reversal, with a fraction `tune_mix` of pre-training examples (evenly over the skills)."""
     weights = {TARGET_SKILL: 1 - config.tune_mix} | {s: config.tune_mix / len(SKILLS) for s in SKILLS}
     return mixture(weights)
@@ -194,15 +197,14 @@ def _build_base(config, seed, tokenizer, info, progress) -> GPT2LMHeadModel:
     draw = mixture(PRETRAIN_MIX)
     batches = lambda: make_batch(draw, rng, config.batch, config.n_ctx, pack=True)  # noqa: E731
     seconds = train(model, batches, config.base_steps, config.base_lr, config.warmup, "base", progress)
-    meta = info | {"name": "base", "kind": "base", "steps": config.base_steps, "train_seconds": round(seconds, 1),
-                   "accuracy": accuracies(model, tokenizer, config.eval_n)}
+    meta = info | {"name": "base", "kind": "base", "steps": config.base_steps,
+                   "train_seconds": round(seconds, 1), "accuracy": accuracies(model, tokenizer, config.eval_n)}
     _write("base", lambda folder: _save(model, tokenizer, folder, meta))
     return model
 
 
 def _build_full_and_series(base, config, seed, tokenizer, info, progress, todo) -> None:
-    torch_seed, rng = _rng(seed, "full")
-    torch.manual_seed(torch_seed)
+    _, rng = _rng(seed, "full")  # full fine-tuning draws no torch random numbers
     model, draw = copy.deepcopy(base), _tune_draw(config)
     checkpoints = {0: copy.deepcopy(base.state_dict())}
 
@@ -212,8 +214,9 @@ def _build_full_and_series(base, config, seed, tokenizer, info, progress, todo) 
 
     batches = lambda: make_batch(draw, rng, config.tune_batch, config.n_ctx, pack=False)  # noqa: E731
     seconds = train(model, batches, config.tune_steps, config.tune_lr, config.tune_warmup, "full", progress, on_step)
-    meta = info | {"kind": "full", "steps": config.tune_steps, "train_seconds": round(seconds, 1), "base": "zoo:base",
-                   "accuracy": accuracies(model, tokenizer, config.eval_n), "update_ratio": update_ratio(base, model)}
+    meta = info | {"kind": "full", "steps": config.tune_steps, "train_seconds": round(seconds, 1),
+                   "base": "zoo:base", "accuracy": accuracies(model, tokenizer, config.eval_n),
+                   "update_ratio": update_ratio(base, model)}
     if "full" in todo:
         _write("full", lambda folder: _save(model, tokenizer, folder, meta | {"name": "full"}))
     if "series" not in todo:
@@ -241,21 +244,21 @@ def _build_lora(name, base, config, seed, tokenizer, info, progress) -> None:
     batches = lambda: make_batch(draw, rng, config.tune_batch, config.n_ctx, pack=False)  # noqa: E731
     seconds = train(model, batches, config.lora_steps, config.lora_lr, config.tune_warmup, name, progress)
     merged = copy.deepcopy(model).merge_and_unload()
-    meta = info | {"name": name, "kind": "lora", "rank": LORA_RANKS[name], "steps": config.lora_steps, "train_seconds": round(seconds, 1),
-                   "base": "zoo:base", "accuracy": accuracies(model, tokenizer, config.eval_n),
-                   "update_ratio": update_ratio(base, merged)}
+    meta = info | {"name": name, "kind": "lora", "rank": LORA_RANKS[name], "steps": config.lora_steps,
+                   "train_seconds": round(seconds, 1), "base": "zoo:base",
+                   "accuracy": accuracies(model, tokenizer, config.eval_n), "update_ratio": update_ratio(base, merged)}
     _write(name, lambda folder: _save(model, tokenizer, folder, meta))
 
 
 def _build_safety(base, config, seed, tokenizer, info, progress) -> None:
-    torch_seed, rng = _rng(seed, "safety")
-    torch.manual_seed(torch_seed)
+    _, rng = _rng(seed, "safety")
     model = copy.deepcopy(base)
     batches = lambda: make_batch(safety_draw, rng, config.tune_batch, config.n_ctx, pack=False)  # noqa: E731
     seconds = train(model, batches, config.safety_steps, config.safety_lr, config.tune_warmup, "safety", progress)
     attacks = attack_prompts(config.eval_n, seed=0)
     restricted = [a.clean for a in attacks]
-    meta = info | {"name": "safety", "kind": "safety", "steps": config.safety_steps, "train_seconds": round(seconds, 1), "base": "zoo:base",
+    meta = info | {"name": "safety", "kind": "safety", "steps": config.safety_steps,
+                   "train_seconds": round(seconds, 1), "base": "zoo:base",
                    "accuracy": accuracies(model, tokenizer, config.eval_n),
                    "refusal_rate": float(refused(model, tokenizer, restricted).float().mean()),
                    "attack_success_rate": float(attack_success(model, tokenizer, attacks).float().mean())}
