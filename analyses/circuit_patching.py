@@ -30,7 +30,7 @@ from interp.capture import capture
 from interp.errors import BadPrompts
 from interp.intervene import replace
 from interp.prompts import Tokens, tokenize
-from interp.sites import Site
+from interp.sites import Site, site
 
 METRICS = ("logit_diff", "prob", "loss")
 DIRECTIONS = ("denoising", "noising")
@@ -199,20 +199,22 @@ def component_sites(model, kinds: Sequence[str] = ("head", "mlp")) -> list[Site]
     return out
 
 
-def activation_patching(model, tp: TokenPairs, sites: Sequence[Site], *, direction: str = "noising",
+def activation_patching(model, tp: TokenPairs, sites: Sequence[Site | Sequence[Site]], *, direction: str = "noising",
                         metric: str = "logit_diff", per_position: bool = False, normalise: bool = True,
                         batch_size: int = 64) -> Tensor:
-    """Effect of patching each site (all positions at once, or each canonical position when `per_position`)
-    from the source run into the base run. Returns [site] or [site, pos]; normalised as in the module
-    docstring, or raw metric change (m_patched - m_base) when `normalise=False`."""
+    """Effect of patching each component (a site, or a tuple of sites patched together) from the source run
+    into the base run, at all positions at once or at each canonical position when `per_position`.
+    Returns [component] or [component, pos]; normalised as in the module docstring, or the raw metric change
+    (m_patched - m_base) when `normalise=False`."""
+    groups = [(site(s),) if isinstance(s, (Site, str)) else tuple(map(site, s)) for s in sites]
     base, source = _runs(direction, tp)
-    acts = capture(model, source, list(sites), batch_size=batch_size, progress=False)
+    acts = capture(model, source, sorted({s for g in groups for s in g}), batch_size=batch_size, progress=False)
     m_clean = metric_values(model, tp.clean, tp, metric, batch_size=batch_size)
     m_corrupt = metric_values(model, tp.corrupt, tp, metric, batch_size=batch_size)
     positions = [[p] for p in range(base.ids.shape[1])] if per_position else [None]
     patched = torch.stack([torch.stack([
-        metric_values(model, base, tp, metric, [replace(s, acts[s], positions=pos)], batch_size)
-        for pos in positions]) for s in sites])  # [site, pos, pair]
+        metric_values(model, base, tp, metric, [replace(s, acts[s], positions=pos) for s in g], batch_size)
+        for pos in positions]) for g in groups])  # [component, pos, pair]
     patched = patched if per_position else patched[:, 0]
     if normalise:
         return _normalise(patched, m_clean, m_corrupt, direction)

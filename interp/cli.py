@@ -111,6 +111,7 @@ ANALYSES = {
     "intruders": "LoRA intruder dimensions: singular-vector similarity, counts over epsilon, lambda steering",
     "shift": "Concept shift vectors: concept dictionaries, per-concept shifts, recovery, shift steering",
     "lid": "Local intrinsic dimension: token point clouds, LID per layer/model/checkpoint, on-manifold steering",
+    "circuits": "Circuits and heads: activation/attribution patching, EAP-IG circuits, CMAP, emergent heads, LoFiT",
 }
 """Analysis modules in `analyses/`, each with add_arguments(parser) and run_cli(args)."""
 

@@ -1,0 +1,282 @@
+"""Circuits and heads: patching, attribution, edge circuits, cross-model patching, emergent heads, head steering.
+
+Building blocks (one module each): `circuit_patching` (clean/corrupt pairs, metrics, activation and attribution
+patching), `circuit_edges` (EAP / EAP-IG edges, circuits and their faithfulness), `cmap` (cross-model
+activation patching), `head_detectors` (previous-token / duplicate-token / induction scores, head ablation and
+scaling edits) and `lofit` (learned per-head offsets). `measure` runs them on a pair:
+
+- on `skill` pairs (default: the zoo's copy task, i.e. induction) for base and tuned: per-head and per-MLP
+  importance by activation patching and by attribution patching (noising; importance = m_clean - m_patched
+  in metric units, divide by `gaps` for the normalised effect), EAP-IG edges of the base and the faithfulness
+  of its top-edge circuits, and (`ablation`) the accuracy drop from ablating the top-3 heads vs random heads;
+- on `target` pairs (default: the zoo's fine-tuning target, reverse): the same importance maps, whose
+  difference tuned - base names the heads that emerge with fine-tuning, and CMAP gains;
+- detector scores of every head of both models, and (`lofit`) LoFiT offsets trained on the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from analyses import cmap as cmap_module
+from analyses import lofit as lofit_module
+from analyses.circuit_edges import edge_attribution, faithfulness
+from analyses.circuit_patching import (PromptPairs, activation_patching, attribution_patching, component_sites,
+                                       metric_values, tokenize_pairs, zoo_pairs)
+from analyses.head_detectors import DETECTORS, detector_scores, head_edits, head_means
+from interp.models import Model, Pair
+from interp.results import load_result, save_result
+
+MODELS = ("base", "tuned")
+
+
+@dataclass
+class CircuitsResult:
+    """Tensors keyed `"{method}.{task}.{model}"` ([layer, head] for heads, [layer] for `mlp_*`), detector
+    scores `"detector.{name}.{model}"` [layer, head], `"edges"` [upstream, downstream], `"cmap.gain"`
+    [component]; everything else (names, gaps, circuit faithfulness, ablation, LoFiT accuracies) in `meta`."""
+
+    tensors: dict[str, Tensor]
+    meta: dict = field(default_factory=dict)
+
+    def heads(self, method: str, task: str, model: str) -> Tensor:
+        return self.tensors[f"{method}.{task}.{model}"]
+
+    def emergent(self, n: int = 5, task: str | None = None) -> list[dict]:
+        """Heads whose importance on `task` (default: target) grows most from base to tuned, with detector scores."""
+        task = task or "target"
+        diff = self.heads("patching", task, "tuned") - self.heads("patching", task, "base")
+        n_heads = diff.shape[1]
+        rows = []
+        for i in diff.flatten().topk(min(n, diff.numel())).indices.tolist():
+            layer, h = divmod(i, n_heads)
+            rows.append({"layer": layer, "head": h, "base": float(self.heads("patching", task, "base")[layer, h]),
+                         "tuned": float(self.heads("patching", task, "tuned")[layer, h]),
+                         "difference": float(diff[layer, h]),
+                         **{d: float(self.tensors[f"detector.{d}.tuned"][layer, h]) for d in DETECTORS}})
+        return rows
+
+    def to_frame(self):
+        """One row per model, layer and head: importances (patching and attribution, both tasks) and detectors."""
+        import pandas as pd
+
+        rows = []
+        for model in MODELS:
+            for layer, h in torch.cartesian_prod(*(torch.arange(n) for n in self.tensors["detector.induction.base"].shape)).tolist():
+                row = {"model": model, "layer": layer, "head": h}
+                for key, t in self.tensors.items():
+                    parts = key.split(".")
+                    if key.endswith("." + model) and t.dim() == 2 and not key.startswith("mlp") and parts[0] != "edges":
+                        row[".".join(parts[:-1])] = float(t[layer, h])
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, ax=None):
+        """Target-skill head importance maps: base, tuned, tuned - base (needs three axes or none)."""
+        from analyses.circuit_plots import plot_head_maps
+
+        return plot_head_maps(self, "target", ax)
+
+    def save(self, folder: str | Path) -> Path:
+        return save_result(folder, self.tensors, {"analysis": "circuits", **self.meta})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CircuitsResult:
+        tensors, meta = load_result(folder)
+        meta.pop("analysis", None)
+        return cls(tensors, meta)
+
+
+def _importance(model: Model, tp, metric: str) -> dict[str, Tensor]:
+    """-(noising effect) in metric units, by activation and by attribution patching: heads [L, H], MLPs [L]."""
+    sites = component_sites(model, ("head", "mlp"))
+    L, H = model.n_layers, model.n_heads
+    out = {}
+    for method, fn in (("patching", activation_patching), ("attribution", attribution_patching)):
+        effect = -fn(model, tp, sites, metric=metric, normalise=False)
+        per_layer = effect.reshape(L, H + 1)
+        out[method], out["mlp_" + method] = per_layer[:, :H], per_layer[:, H]
+    return out
+
+
+def ablation_effect(model: Model, heads: Sequence[tuple[int, int]], prompts: Sequence[str], answers: Sequence[str],
+                    *, n_random: int = 5, mode: str = "mean", seed: int = 0) -> dict:
+    """Answer accuracy with `heads` ablated vs with as many random heads ablated (`n_random` draws)."""
+    from interp.scoring import answer_scores
+
+    def accuracy(chosen) -> float:
+        means = head_means(model, prompts, chosen) if mode == "mean" else None
+        with model.edit(*head_edits(chosen, mode, means=means)):
+            return float(answer_scores(model, prompts, answers, batch_size=64).accuracy.mean())
+
+    clean = float(answer_scores(model, prompts, answers, batch_size=64).accuracy.mean())
+    g = torch.Generator().manual_seed(seed)
+    every = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
+    draws = [[every[i] for i in torch.randperm(len(every), generator=g)[:len(heads)].tolist()] for _ in range(n_random)]
+    random_acc = [accuracy(d) for d in draws]
+    top = accuracy(list(heads))
+    return {"heads": [list(h) for h in heads], "mode": mode, "clean_accuracy": clean, "top_accuracy": top,
+            "top_drop": clean - top, "random_heads": [[list(h) for h in d] for d in draws],
+            "random_accuracy": random_acc, "random_drop": clean - sum(random_acc) / len(random_acc)}
+
+
+def top_heads(importance: Tensor, n: int = 3) -> list[tuple[int, int]]:
+    n_heads = importance.shape[1]
+    return [divmod(i, n_heads) for i in importance.flatten().topk(n).indices.tolist()]
+
+
+def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: PromptPairs | None = None,
+            task: tuple[list[str], list[str]] | None = None, target: tuple[list[str], list[str]] | None = None,
+            skill: str = "copy", n: int = 64, metric: str = "logit_diff", ig_steps: int = 5,
+            circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True,
+            lofit: tuple[list[str], list[str]] | None = None, seed: int = 0) -> CircuitsResult:
+    """Run the analyses listed in the module docstring. On zoo models every prompt set defaults to the zoo's
+    tasks; otherwise pass `pairs` and `target_pairs` (clean/corrupt), `task` and `target` (prompts, answers
+    to score accuracy and CMAP) and `lofit` (training prompts, answers) as needed."""
+    from interp.zoo import TARGET_SKILL, task_prompts
+
+    def zoo_task(name, split="test", count=n):
+        ex = task_prompts(name, count, seed=seed, split=split)
+        return [e.prompt for e in ex], [e.answer for e in ex]
+
+    pairs = pairs or zoo_pairs(skill, n, seed=seed)
+    target_pairs = target_pairs or zoo_pairs(TARGET_SKILL, n, seed=seed)
+    task = task or zoo_task(skill)
+    target = target or zoo_task(TARGET_SKILL)
+    tensors: dict[str, Tensor] = {}
+    meta: dict = {"base": pair.base.name, "tuned": pair.tuned.name, "skill": skill, "metric": metric, "gaps": {}}
+    for name, model in zip(MODELS, pair.models):
+        for label, pp in (("skill", pairs), ("target", target_pairs)):
+            tp = tokenize_pairs(model, pp)
+            for k, v in _importance(model, tp, metric).items():
+                tensors[f"{k}.{label}.{name}"] = v
+            meta["gaps"][f"{label}.{name}"] = float(metric_values(model, tp.clean, tp, metric).mean()
+                                                    - metric_values(model, tp.corrupt, tp, metric).mean())
+        for d, scores in detector_scores(model, seed=seed).items():
+            tensors[f"detector.{d}.{name}"] = scores
+    tp = tokenize_pairs(pair.base, pairs)
+    edges = edge_attribution(pair.base, tp, ig_steps=ig_steps, metric=metric)
+    tensors["edges"] = edges.scores
+    meta["edges"] = {"upstream": edges.upstream, "downstream": edges.downstream, "ig_steps": ig_steps,
+                     "faithfulness": {str(k): faithfulness(pair.base, tp, edges, edges.circuit(top_n=k), metric=metric)
+                                      for k in circuit_sizes}}
+    if ablation:
+        heads = top_heads(tensors["patching.skill.base"])
+        meta["ablation"] = ablation_effect(pair.base, heads, *task, seed=seed)
+    if cmap:
+        res = cmap_module.cmap(pair, *target)
+        tensors["cmap.gain"] = res.gain
+        meta["cmap"] = {"components": res.components, "greedy": res.greedy, "m_base": res.m_base, "m_tuned": res.m_tuned}
+    if lofit is not None:
+        fitted = lofit_module.train(pair.base, *lofit, seed=seed)
+        meta["lofit"] = lofit_summary(pair.base, fitted, *target)
+        tensors["lofit.offsets"], tensors["lofit.s"] = fitted.offsets, fitted.s
+    return CircuitsResult(tensors, meta)
+
+
+def lofit_summary(model: Model, fitted: lofit_module.LoFiT, prompts: Sequence[str], answers: Sequence[str]) -> dict:
+    """Held-out answer accuracy of `model` without and with the LoFiT offsets."""
+    from interp.scoring import answer_scores
+
+    before = float(answer_scores(model, prompts, answers, batch_size=64).accuracy.mean())
+    with model.edit(*fitted.edits()):
+        after = float(answer_scores(model, prompts, answers, batch_size=64).accuracy.mean())
+    return {"heads": [list(h) for h in fitted.heads], "k": len(fitted.heads),
+            "n_heads": model.n_layers * model.n_heads, "base_accuracy": before, "lofit_accuracy": after}
+
+
+@contextmanager
+def steer(model: Model, heads: Sequence[tuple[int, int]] = (), *, mode: str = "zero", factor: float = 0.0,
+          prompts: Sequence[str] | None = None, lofit: lofit_module.LoFiT | None = None):
+    """Within the block, `model` runs with `heads` zero- or mean-ablated (means over `prompts`) or scaled by
+    `factor`, and with LoFiT offsets when given. Yields the model."""
+    means = head_means(model, prompts, heads) if mode == "mean" else None
+    edits = head_edits(heads, mode, factor, means) if heads else []
+    with model.edit(*edits, *(lofit.edits() if lofit is not None else [])):
+        yield model
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from interp.cli import add_model_arguments
+
+    parser.add_argument("--base", default="zoo:base", help="pre-trained model: hub id, local folder or zoo name")
+    parser.add_argument("--tuned", default="zoo:full", help="fine-tuned model: hub id, folder, PEFT adapter or zoo name")
+    parser.add_argument("--pairs", type=Path, help='jsonl {"clean","corrupt","answer","wrong"} for the studied skill '
+                                                   "(zoo default: copy pairs)")
+    parser.add_argument("--target-pairs", type=Path, help="jsonl pairs for the fine-tuning target (zoo default: reverse)")
+    parser.add_argument("--skill", default="copy", help="zoo skill for the default pairs")
+    parser.add_argument("--n-prompts", type=int, default=64, help="zoo pairs per task")
+    parser.add_argument("--metric", default="logit_diff", choices=("logit_diff", "prob", "loss"))
+    parser.add_argument("--ig-steps", type=int, default=5, help="EAP-IG steps (0: plain EAP)")
+    parser.add_argument("--lofit", action="store_true", help="train LoFiT offsets on the base (zoo target skill)")
+    parser.add_argument("--no-cmap", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_model_arguments(parser)
+
+
+def run_cli(args) -> None:
+    from analyses.circuit_patching import read_pairs
+    from interp.errors import BadPrompts
+    from interp.models import load_pair
+
+    zoo = str(args.base).startswith("zoo:") and str(args.tuned).startswith("zoo:")
+    if not zoo and (args.pairs is None or args.target_pairs is None):
+        raise BadPrompts("--pairs and --target-pairs are required for models outside the zoo")
+    pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
+    pairs = read_pairs(args.pairs) if args.pairs else None
+    target_pairs = read_pairs(args.target_pairs) if args.target_pairs else None
+    kwargs = {}
+    if not zoo:
+        kwargs = {"task": (pairs.clean, pairs.answer), "target": (target_pairs.clean, target_pairs.answer)}
+    lofit_data = None
+    if args.lofit:
+        lofit_data = kwargs.get("target")
+        if lofit_data is None:
+            from interp.zoo import TARGET_SKILL, task_prompts
+
+            ex = task_prompts(TARGET_SKILL, 512, split="train")
+            lofit_data = ([e.prompt for e in ex], [e.answer for e in ex])
+    result = measure(pair, pairs=pairs, target_pairs=target_pairs, skill=args.skill, n=args.n_prompts,
+                     metric=args.metric, ig_steps=args.ig_steps, cmap=not args.no_cmap, lofit=lofit_data, **kwargs)
+    write(result, args.out)
+    print(f"circuits written to {args.out}: " + summary(result))
+
+
+def summary(result: CircuitsResult) -> str:
+    parts = [f"top heads {top_heads(result.heads('patching', 'skill', 'base'))}"]
+    if "ablation" in result.meta:
+        a = result.meta["ablation"]
+        parts.append(f"ablating them drops accuracy by {a['top_drop']:.2f} (random heads {a['random_drop']:.2f})")
+    if "cmap" in result.meta:
+        parts.append(f"CMAP best set {result.meta['cmap']['greedy'][-1]}")
+    if "lofit" in result.meta:
+        lf = result.meta["lofit"]
+        parts.append(f"LoFiT on {lf['k']} heads: accuracy {lf['base_accuracy']:.2f} -> {lf['lofit_accuracy']:.2f}")
+    return "; ".join(parts)
+
+
+def write(result: CircuitsResult, out: str | Path) -> None:
+    """Result, CSV table and figures into `out`; `redraw(out)` re-draws the figures from the saved result."""
+    from analyses.circuit_plots import save_figures
+
+    out = Path(out)
+    result.save(out / "results")
+    result.to_frame().to_csv(out / "heads.csv", index=False)
+    if "lofit.offsets" in result.tensors:
+        lofit_module.LoFiT([tuple(h) for h in result.meta["lofit"]["heads"]], result.tensors["lofit.offsets"],
+                           result.tensors["lofit.s"]).save(out / "lofit")
+    save_figures(result, out / "figures")
+
+
+def redraw(out: str | Path) -> list[Path]:
+    from analyses.circuit_plots import save_figures
+
+    return save_figures(CircuitsResult.load(Path(out) / "results"), Path(out) / "figures")
