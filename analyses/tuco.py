@@ -327,6 +327,7 @@ def write(results: Sequence[TuCoResult], sweep: dict | None, out: str | Path) ->
     out = Path(out)
     for r in results:
         r.save(out / "results" / r.label)
+    (out / "results" / "order.json").write_text(json.dumps([r.label for r in results]))
     pd.concat([r.to_frame() for r in results]).to_csv(out / "tuco.csv", index=False)
     pd.concat([r.layer_frame().assign(label=r.label) for r in results]).to_csv(out / "tuco_layers.csv", index=False)
     if sweep is not None:
@@ -339,6 +340,9 @@ def redraw(out: str | Path) -> list[Path]:
     import json
 
     out = Path(out)
-    results = [TuCoResult.load(p) for p in sorted((out / "results").iterdir())]
+    order = out / "results" / "order.json"
+    labels = json.loads(order.read_text()) if order.is_file() else sorted(
+        p.name for p in (out / "results").iterdir() if p.is_dir())
+    results = [TuCoResult.load(out / "results" / label) for label in labels]
     sweep = json.loads((out / "alpha_sweep.json").read_text()) if (out / "alpha_sweep.json").is_file() else None
     return save_figures(results, sweep, out / "figures")
