@@ -11,7 +11,8 @@ scaling edits) and `lofit` (learned per-head offsets). `measure` runs them on a 
   of its top-edge circuits, and (`ablation`) the accuracy drop from ablating the top-3 heads vs random heads;
 - on `target` pairs (default: the zoo's fine-tuning target, reverse): the same importance maps, whose
   difference tuned - base names the heads that emerge with fine-tuning, and CMAP gains;
-- detector scores of every head of both models, and (`lofit`) LoFiT offsets trained on the base.
+- detector scores of every head of both models, on repeated random sequences (`detector.*`) and on the skill's
+  prompts followed by their answers (`detector_task.*`), and (`lofit`) LoFiT offsets trained on the base.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ MODELS = ("base", "tuned")
 @dataclass
 class CircuitsResult:
     """Tensors keyed `"{method}.{task}.{model}"` ([layer, head] for heads, [layer] for `mlp_*`), detector
-    scores `"detector.{name}.{model}"` [layer, head], `"edges"` [upstream, downstream], `"cmap.gain"`
-    [component]; everything else (names, gaps, circuit faithfulness, ablation, LoFiT accuracies) in `meta`."""
+    scores `"detector.{name}.{model}"` and `"detector_task.{name}.{model}"` [layer, head], `"edges"`
+    [upstream, downstream], `"cmap.gain"` [component]; everything else (names, gaps, circuit faithfulness, ablation, LoFiT accuracies) in `meta`."""
 
     tensors: dict[str, Tensor]
     meta: dict = field(default_factory=dict)
@@ -59,7 +60,8 @@ class CircuitsResult:
             rows.append({"layer": layer, "head": h, "base": float(self.heads("patching", task, "base")[layer, h]),
                          "tuned": float(self.heads("patching", task, "tuned")[layer, h]),
                          "difference": float(diff[layer, h]),
-                         **{d: float(self.tensors[f"detector.{d}.tuned"][layer, h]) for d in DETECTORS}})
+                         **{f"{kind}.{d}": float(self.tensors[f"{kind}.{d}.tuned"][layer, h])
+                            for kind in ("detector", "detector_task") for d in DETECTORS}})
         return rows
 
     def to_frame(self):
@@ -160,6 +162,8 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
                                                     - metric_values(model, tp.corrupt, tp, metric).mean())
         for d, scores in detector_scores(model, seed=seed).items():
             tensors[f"detector.{d}.{name}"] = scores
+        for d, scores in detector_scores(model, [f"{p} {a}" for p, a in zip(*task)]).items():
+            tensors[f"detector_task.{d}.{name}"] = scores
     tp = tokenize_pairs(pair.base, pairs)
     edges = edge_attribution(pair.base, tp, ig_steps=ig_steps, metric=metric)
     tensors["edges"] = edges.scores

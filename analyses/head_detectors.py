@@ -1,13 +1,14 @@
 """Head detectors from attention patterns, and head steering edits (zero-, mean- or scale-ablation).
 
-Detectors run on `n` sequences [bos] + x + x, x being `length` random non-special tokens (repeated random
-sequences, as in Olsson et al. 2022). With x at canonical positions 1..n and its copy at n+1..2n:
+For a query token at position q whose token occurred before, most recently at position j < q:
 
-    previous-token  mean attention from every position q >= 1 to q - 1
-    duplicate-token mean attention from q in the copy to q - n          (the same token, earlier)
-    induction       mean attention from q in the copy to q - n + 1      (the token after the earlier copy)
+    previous-token  attention from q to q - 1        (every real query q >= 1)
+    duplicate-token attention from q to j            (the same token, earlier)
+    induction       attention from q to j + 1        (the token after the earlier occurrence; j + 1 < q)
 
-Each score is the mean attention weight, in [0, 1], per layer and head.
+Each score is the mean attention weight over the queries it applies to, in [0, 1], per layer and head. By
+default the prompts are repeated random sequences [bos] + x + x of distinct tokens (Olsson et al. 2022);
+any prompt set with repeated tokens works too, e.g. a copy task's prompts followed by their answers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.capture import capture
 from interp.intervene import Edit, ablate, scale
-from interp.prompts import Tokens
+from interp.prompts import Tokens, tokenize
 from interp.sites import Site
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
@@ -39,25 +40,34 @@ def repeated_tokens(model, n: int = 32, length: int | None = None, seed: int = 0
     return Tokens(ids, torch.full((n,), ids.shape[1]), tok.pad_token_id or 0)
 
 
-def detector_scores(model, n: int = 32, length: int | None = None, seed: int = 0,
+def detector_scores(model, prompts=None, *, n: int = 32, length: int | None = None, seed: int = 0,
                     batch_size: int = 32) -> dict[str, Float[Tensor, "layer head"]]:
-    """{detector: [layer, head]} mean attention scores (see the module docstring)."""
-    tokens = repeated_tokens(model, n, length, seed)
+    """{detector: [layer, head]} on `prompts` (strings, id lists or Tokens; default `repeated_tokens`)."""
+    if prompts is None:
+        tokens = repeated_tokens(model, n, length, seed)
+    else:
+        tokens = prompts if isinstance(prompts, Tokens) else tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
     sites = [Site("attn_pattern", layer) for layer in range(model.n_layers)]
     acts = capture(model, tokens, sites, batch_size=batch_size, progress=False)
-    return scores_from_patterns(torch.stack([acts[s] for s in sites], dim=1))
+    return scores_from_patterns(torch.stack([acts[s] for s in sites], dim=1), tokens.ids, tokens.mask)
 
 
-def scores_from_patterns(pattern: Float[Tensor, "prompt layer head query key"]) -> dict[str, Tensor]:
-    """Detector scores [layer, head] from the patterns of repeated sequences (with a bos iff the width is odd)."""
-    width = pattern.shape[-1]
-    offset = width % 2
-    half = (width - offset) // 2
-    q_all = torch.arange(1, width)
-    q_copy = torch.arange(offset + half, width)
-    return {"previous_token": pattern[..., q_all, q_all - 1].mean((0, -1)),
-            "duplicate_token": pattern[..., q_copy, q_copy - half].mean((0, -1)),
-            "induction": pattern[..., q_copy, q_copy - half + 1].mean((0, -1))}
+def scores_from_patterns(pattern: Float[Tensor, "prompt layer head query key"], ids: Int[Tensor, "prompt pos"],
+                         mask: Bool[Tensor, "prompt pos"]) -> dict[str, Tensor]:
+    """Detector scores [layer, head] from attention patterns and the token ids they were computed on."""
+    width = ids.shape[1]
+    pos = torch.arange(width)
+    same = (ids[:, :, None] == ids[:, None, :]) & (pos[None, None, :] < pos[None, :, None]) & mask[:, :, None]
+    earlier = torch.where(same, pos, -1).amax(-1)  # [prompt, query]: most recent earlier occurrence, or -1
+    queries = {"previous_token": (mask & (pos >= 1), pos - 1),
+               "duplicate_token": (earlier >= 0, earlier),
+               "induction": ((earlier >= 0) & (earlier + 1 < pos), earlier + 1)}
+    out = {}
+    for name, (where, key) in queries.items():
+        prompt, query = where.nonzero(as_tuple=True)
+        weights = pattern[prompt, :, :, query, key.expand_as(where)[prompt, query].clamp(min=0)]  # [n, layer, head]
+        out[name] = weights.mean(0) if len(prompt) else pattern.new_zeros(pattern.shape[1:3])
+    return out
 
 
 def head_edits(heads: Sequence[tuple[int, int]], mode: str = "zero", factor: float = 0.0,

@@ -130,19 +130,29 @@ def test_cmap_finds_a_planted_mlp(planted, pairs):
 
 
 def test_detector_indexing_on_constructed_patterns():
-    half, width = 5, 11  # bos + 5 + 5
+    half, width = 5, 11  # bos + x + x
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14, 10, 11, 12, 13, 14]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
     prev = torch.zeros(1, 1, 1, width, width)
     induction = torch.zeros_like(prev)
     q = torch.arange(1, width)
     prev[..., q, q - 1] = 1
-    induction[..., 0, 0] = 1
     induction[..., q, 0] = 1
     induction[..., torch.arange(1 + half, width), :] = 0
     induction[..., torch.arange(1 + half, width), torch.arange(2, half + 2)] = 1
-    p = head_detectors.scores_from_patterns(prev)
-    i = head_detectors.scores_from_patterns(induction)
+    p = head_detectors.scores_from_patterns(prev, ids, mask)
+    i = head_detectors.scores_from_patterns(induction, ids, mask)
     assert p["previous_token"].item() == 1 and p["induction"].item() == 0 and p["duplicate_token"].item() == 0
     assert i["induction"].item() == 1 and i["duplicate_token"].item() == 0
+    # the same scores from the generic definition on a prompt whose repeat is not a whole copy, with a pad
+    ids = torch.tensor([[1, 10, 11, 10, 12, 11, 0]])
+    mask = torch.tensor([[True] * 6 + [False]])
+    dup = torch.zeros(1, 1, 1, 7, 7)
+    dup[..., 3, 1] = 1  # w10 at 3 -> its duplicate at 1
+    dup[..., 5, 2] = dup[..., 5, 3] = 0.5  # w11 at 5: half to its duplicate at 2, half to the token after it
+    s = head_detectors.scores_from_patterns(dup, ids, mask)
+    assert s["duplicate_token"].item() == 0.75 and s["induction"].item() == 0.25
+    assert abs(s["previous_token"].item() - 0) <= 1e-9
 
 
 def test_detectors_on_a_model_are_attention_fractions(gpt2):
