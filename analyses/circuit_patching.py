@@ -40,7 +40,8 @@ DIRECTIONS = ("denoising", "noising")
 
 @dataclass
 class PromptPairs:
-    """Texts of clean/corrupt pairs and their answer / wrong words (one token each)."""
+    """Texts of clean/corrupt pairs and their answer / wrong tokens, one token each, written as the tokenizer
+    spells them after the prompt (e.g. " Paris" for a BPE tokenizer, "a" for the zoo's word tokenizer)."""
 
     clean: list[str]
     corrupt: list[str]
@@ -103,6 +104,26 @@ def zoo_pairs(skill: str = "copy", n: int = 64, *, given: int = 1, seed: int = 0
         out.corrupt.append(" ".join([other.prompt, *other.answer.split()[:given]]))
         out.answer.append(words[given])
         out.wrong.append(other.answer.split()[given])
+    return out
+
+
+def pairs_from_answers(model, prompts: Sequence[str], answers: Sequence[str], seed: int = 0) -> PromptPairs:
+    """Pairs from a prompt set with answers: each prompt's corrupt partner is another prompt of the same token
+    length whose first answer token differs; answer and wrong are the two first answer tokens. Prompts without
+    such a partner are dropped; raises BadPrompts when none has one."""
+    rng = random.Random(seed)
+    tok = model.tokenizer
+    length = [len(tok(p)["input_ids"]) for p in prompts]
+    first = [tok.decode(tok(f"{p} {a}")["input_ids"][n:n + 1]) for p, a, n in zip(prompts, answers, length)]
+    out = PromptPairs([], [], [], [])
+    for i, p in enumerate(prompts):
+        partners = [j for j in range(len(prompts)) if length[j] == length[i] and first[j] != first[i]]
+        if partners:
+            j = rng.choice(partners)
+            out.clean.append(p), out.corrupt.append(prompts[j]), out.answer.append(first[i]), out.wrong.append(first[j])
+    if not out.clean:
+        raise BadPrompts("no prompt has a partner of the same token length with a different first answer token; "
+                         "pass clean/corrupt pairs (jsonl) instead")
     return out
 
 

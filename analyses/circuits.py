@@ -136,7 +136,7 @@ def top_heads(importance: Tensor, n: int = 3) -> list[tuple[int, int]]:
 def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: PromptPairs | None = None,
             task: tuple[list[str], list[str]] | None = None, target: tuple[list[str], list[str]] | None = None,
             skill: str = "copy", n: int = 64, metric: str = "logit_diff", ig_steps: int = 5,
-            circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True,
+            circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True, cmap_max_set: int = 3,
             lofit: tuple[list[str], list[str]] | None = None, seed: int = 0) -> CircuitsResult:
     """Run the analyses listed in the module docstring. On zoo models every prompt set defaults to the zoo's
     tasks; otherwise pass `pairs` and `target_pairs` (clean/corrupt), `task` and `target` (prompts, answers
@@ -174,7 +174,7 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
         heads = top_heads(tensors["patching.skill.base"])
         meta["ablation"] = ablation_effect(pair.base, heads, *task, seed=seed)
     if cmap:
-        res = cmap_module.cmap(pair, *target)
+        res = cmap_module.cmap(pair, *target, max_set=cmap_max_set)
         tensors["cmap.gain"] = res.gain
         meta["cmap"] = {"components": res.components, "greedy": res.greedy, "m_base": res.m_base, "m_tuned": res.m_tuned}
     if lofit is not None:
@@ -204,6 +204,64 @@ def steer(model: Model, heads: Sequence[tuple[int, int]] = (), *, mode: str = "z
     edits = head_edits(heads, mode, factor, means) if heads else []
     with model.edit(*edits, *(lofit.edits() if lofit is not None else [])):
         yield model
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def report_section(ctx):
+    """The circuits section of `interp report` (see `interp.report`): `measure` on each tuned model, on the zoo's
+    copy and reverse pairs for zoo models, else on pairs built from the report's prompt sets with answers
+    (`pairs_from_answers`; the second set, when it has answers, is the studied skill). LoFiT is not trained here
+    (minutes of training); `interp circuits --lofit` does."""
+    from scipy.stats import spearmanr
+
+    from analyses.circuit_patching import pairs_from_answers
+    from interp.report import Section
+
+    n = 16 if ctx.quick else 64
+    kwargs = dict(n=n, ig_steps=2 if ctx.quick else 5, circuit_sizes=(5, 20) if ctx.quick else (5, 10, 20, 40),
+                  cmap_max_set=1 if ctx.quick else 3)
+    if not ctx.base.name.startswith("zoo:"):
+        (_, target), *rest = ctx.sets.items()
+        skill = next((ps for _, ps in rest if ps.answers), target)
+        if target.answers is None:
+            from interp.errors import BadPrompts
+
+            raise BadPrompts("the circuits section needs answers in the target prompt set (jsonl with 'answer')")
+        kwargs.update(pairs=pairs_from_answers(ctx.base, skill.prompts, skill.answers),
+                      target_pairs=pairs_from_answers(ctx.base, target.prompts, target.answers),
+                      task=(skill.prompts, skill.answers), target=(target.prompts, target.answers))
+    headline, figures, redraw_calls, steering = {}, [], [], []
+    for label, pair in ctx.pairs():
+        ctx.step(f"{label}: patching, attribution, EAP-IG, CMAP, ablation")
+        result = measure(pair, **kwargs)
+        write(result, ctx.out / label)
+        act, att = (result.heads(m, "skill", "base").flatten().numpy() for m in ("patching", "attribution"))
+        headline["Spearman(attribution, patching), base"] = round(float(spearmanr(act, att).statistic), 3)
+        best_set, gain = result.meta["cmap"]["greedy"][-1]
+        headline[f"CMAP gain of {len(best_set)} components, {label}"] = round(gain, 3)
+        faith = result.meta["edges"]["faithfulness"]
+        headline[f"faithfulness of the top-{max(map(int, faith))}-edge circuit"] = round(faith[max(faith, key=int)], 3)
+        emergent = result.emergent(1)[0]
+        headline[f"top emergent head, {label}"] = f"{emergent['layer']}.{emergent['head']}"
+        a = result.meta["ablation"]
+        steering.append(f"{label}: mean-ablating the base's top-3 heads {a['heads']} drops task accuracy by "
+                        f"{a['top_drop']:.2f}, 3 random heads by {a['random_drop']:.2f}")
+        figures += [ctx.rel(ctx.out / label / "figures" / f"{name}.png") for name in ("heads_target", "cmap")]
+        redraw_calls.append(("analyses.circuits:redraw", ctx.rel(ctx.out / label)))
+    first = next(iter(ctx.tuned))
+    figures = [ctx.rel(ctx.out / first / "figures" / f"{name}.png") for name in
+               ("circuit", "attribution_vs_patching", "ablation", "heads_skill")] + figures
+    headline["top-3 ablation drop (base)"] = round(a["top_drop"], 3)
+    headline["random-3 ablation drop (base)"] = round(a["random_drop"], 3)
+    return Section("circuits", "Circuits and heads", headline, figures=figures,
+                   tables={f"{label}: head importances and detector scores": ctx.rel(ctx.out / label / "heads.csv")
+                           for label in ctx.tuned},
+                   steering="; ".join(steering) + ".",
+                   notes="Importance = metric drop when a head is patched to its corrupt activation (logit difference). "
+                         "Emergent heads gain importance on the target task from base to tuned. CMAP gain = share of "
+                         "the tuned model's advantage recovered by patching tuned activations into the base.",
+                   redraw=redraw_calls)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

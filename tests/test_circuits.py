@@ -58,6 +58,19 @@ def test_zoo_pairs_have_equal_lengths_and_different_answers():
         assert clean.split()[1 + 1] == a  # "copy x1 x2 ... = x1" -> answer x2
 
 
+def test_pairs_from_a_prompt_set_with_answers(gpt2):
+    prompts = ["w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w11 w12", "w13"]
+    answers = ["w20 w21", "w22", "w20", "w23", "w24"]
+    made = cp.pairs_from_answers(gpt2, prompts, answers)
+    assert made.clean == ["w2 w3 w4", "w5 w6 w7", "w8 w9 w10"]  # the two short prompts have no partner
+    assert made.answer == ["w20", "w22", "w20"] and made.wrong[0] == "w22" and made.wrong[1] in ("w20",)
+    assert made.wrong[2] == "w22"
+    tp = cp.tokenize_pairs(gpt2, made)
+    assert torch.equal(tp.clean.lengths, tp.corrupt.lengths)
+    with pytest.raises(BadPrompts, match="partner"):
+        cp.pairs_from_answers(gpt2, prompts[3:], answers[3:])
+
+
 def test_patching_own_clean_activation_changes_nothing(gpt2, tp):
     same = cp.TokenPairs(tp.clean, tp.clean, tp.answer, tp.wrong)
     sites = cp.component_sites(gpt2, ("embed", "resid", "head", "attn", "mlp"))
