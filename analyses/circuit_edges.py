@@ -131,12 +131,22 @@ def edge_attribution(model, tp: TokenPairs, *, ig_steps: int = 0, metric: str = 
 
 
 def faithfulness(model, tp: TokenPairs, edges: EdgeScores, keep: Bool[Tensor, "up down"], *,
-                 metric: str = "logit_diff", batch_size: int = 64) -> float:
-    """Normalised metric with every upstream node outside the circuit patched to corrupt (node level)."""
+                 metric: str = "logit_diff", batch_size: int = 64, ends: tuple[float, float] | None = None) -> float:
+    """Normalised metric with every upstream node outside the circuit patched to corrupt (node level).
+    `ends` = (mean m_clean, mean m_corrupt) when already known."""
     outside = [upstream_site(u) for u, row in zip(edges.upstream, keep) if not row.any()]
     corrupt = capture(model, tp.corrupt, outside, batch_size=batch_size, progress=False) if outside else None
     edits = [replace(s, corrupt[s]) for s in outside]
-    m_circuit = metric_values(model, tp.clean, tp, metric, edits, batch_size).mean()
-    m_clean = metric_values(model, tp.clean, tp, metric, batch_size=batch_size).mean()
-    m_corrupt = metric_values(model, tp.corrupt, tp, metric, batch_size=batch_size).mean()
-    return float((m_circuit - m_corrupt) / (m_clean - m_corrupt))
+    m_circuit = float(metric_values(model, tp.clean, tp, metric, edits, batch_size).mean())
+    m_clean, m_corrupt = ends or (float(metric_values(model, t, tp, metric, batch_size=batch_size).mean())
+                                  for t in (tp.clean, tp.corrupt))
+    return (m_circuit - m_corrupt) / (m_clean - m_corrupt)
+
+
+def faithfulness_curve(model, tp: TokenPairs, edges: EdgeScores, sizes, *, metric: str = "logit_diff",
+                       batch_size: int = 64) -> dict[int, float]:
+    """Faithfulness of the top-n-edge circuit for each n in `sizes`."""
+    ends = tuple(float(metric_values(model, t, tp, metric, batch_size=batch_size).mean())
+                 for t in (tp.clean, tp.corrupt))
+    return {n: faithfulness(model, tp, edges, edges.circuit(top_n=n), metric=metric, batch_size=batch_size,
+                            ends=ends) for n in sizes}

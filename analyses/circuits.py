@@ -27,7 +27,7 @@ from torch import Tensor
 
 from analyses import cmap as cmap_module
 from analyses import lofit as lofit_module
-from analyses.circuit_edges import edge_attribution, faithfulness
+from analyses.circuit_edges import edge_attribution, faithfulness_curve
 from analyses.circuit_patching import (PromptPairs, activation_patching, attribution_patching, component_sites,
                                        metric_values, tokenize_pairs, zoo_pairs)
 from analyses.head_detectors import DETECTORS, detector_scores, head_edits, head_means
@@ -168,8 +168,8 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
     edges = edge_attribution(pair.base, tp, ig_steps=ig_steps, metric=metric)
     tensors["edges"] = edges.scores
     meta["edges"] = {"upstream": edges.upstream, "downstream": edges.downstream, "ig_steps": ig_steps,
-                     "faithfulness": {str(k): faithfulness(pair.base, tp, edges, edges.circuit(top_n=k), metric=metric)
-                                      for k in circuit_sizes}}
+                     "faithfulness": {str(k): f for k, f in
+                                      faithfulness_curve(pair.base, tp, edges, circuit_sizes, metric=metric).items()}}
     if ablation:
         heads = top_heads(tensors["patching.skill.base"])
         meta["ablation"] = ablation_effect(pair.base, heads, *task, seed=seed)

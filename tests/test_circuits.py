@@ -113,6 +113,8 @@ def test_faithfulness_end_points_and_circuits(gpt2, tp):
     edges = ce.edge_attribution(gpt2, tp)
     assert abs(ce.faithfulness(gpt2, tp, edges, edges.valid) - 1) <= 1e-5
     assert abs(ce.faithfulness(gpt2, tp, edges, torch.zeros_like(edges.valid))) <= 1e-5
+    curve = ce.faithfulness_curve(gpt2, tp, edges, (0, int(edges.valid.sum())))
+    assert abs(curve[0]) <= 1e-5 and abs(curve[int(edges.valid.sum())] - 1) <= 1e-5
     keep = edges.circuit(top_n=7)
     assert int(keep.sum()) == 7 and (keep <= edges.valid).all()
     smallest_kept = edges.scores.abs()[keep].min()

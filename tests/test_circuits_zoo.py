@@ -61,7 +61,7 @@ def test_top_copy_heads_are_induction_like_and_ablating_them_breaks_copy(pair, c
 
 def test_eap_ig_circuit_faithfulness(pair, copy_pairs):
     edges = ce.edge_attribution(pair.base, copy_pairs, ig_steps=5)
-    faith = {n: ce.faithfulness(pair.base, copy_pairs, edges, edges.circuit(top_n=n)) for n in (5, 10, 20, 40)}
+    faith = ce.faithfulness_curve(pair.base, copy_pairs, edges, (5, 10, 20, 40))
     print(f"\nzoo:base copy, EAP-IG (5 steps) top edges {edges.top(5)}; node-level faithfulness by circuit size "
           f"{ {n: round(f, 3) for n, f in faith.items()} } of {int(edges.valid.sum())} edges")
     assert max(faith.values()) >= 0.8
