@@ -111,7 +111,7 @@ def _adapter_folder(spec) -> Path | None:
         from interp import zoo
 
         name = spec[len(ZOO_PREFIX):]
-        if name not in zoo.MODEL_NAMES or not zoo.is_lora(name):
+        if name not in zoo.ALL_NAMES or not zoo.is_lora(name):
             return None  # load_model explains unknown names
         try:
             return Path(zoo.model_path(name))

@@ -63,18 +63,30 @@ def _zoo_build(args) -> None:
     from interp import zoo
 
     names = args.only or None
-    paths = zoo.build(seed=args.seed, names=names, force=args.force, progress=True)
+    if args.real:
+        from interp.zoo.smol import build_real
+
+        paths = build_real(seed=args.seed, names=names, force=args.force, progress=True)
+    else:
+        paths = zoo.build(seed=args.seed, names=names, force=args.force, progress=True)
     print(f"zoo built in {zoo.zoo_dir()}: {', '.join(paths)}")
 
 
 def _zoo_list(args) -> None:
     from interp import zoo
 
-    for row in zoo.list_models():
-        acc = row.get("accuracies") or {}
+    for row in zoo.list_models(zoo.ALL_NAMES):
+        acc = row.get("accuracy") or {}
         scores = ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
         state = "built" if row["built"] else "not built"
-        print(f"zoo:{row['name']:<9} {state:<10} {scores}")
+        print(f"zoo:{row['name']:<13} {state:<10} {scores}")
+
+
+def _zoo_prompts(args) -> None:
+    from interp.zoo.smol import write_prompts
+
+    for label, path in write_prompts(args.out, args.n_prompts).items():
+        print(f"{label}: {path}")
 
 
 def _capture(args) -> None:
@@ -97,13 +109,6 @@ def _capture(args) -> None:
             "lengths": acts.tokens.lengths.tolist(), "sharded": acts.shard_dir is not None}
     (args.out / "capture.json").write_text(json.dumps(meta, indent=1))
     print(f"captured {', '.join(args.sites)} for {len(prompts)} prompts -> {args.out}")
-
-
-def _demo(args) -> None:
-    from interp.demo import run_demo
-
-    index = run_demo(args.out, base=args.base, tuned=args.tuned, device=args.device, backend=args.backend)
-    print(f"demo report: {index}")
 
 
 ANALYSES = {
@@ -132,8 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--only", nargs="+", help="build only these models (and what they need)")
+    build.add_argument("--real", action="store_true",
+                       help="build the real zoo instead: SmolLM2-135M-Instruct (zoo:smol) and its fine-tunes "
+                            "(needs the 'real' extra; about 10 minutes on 2 cores)")
     build.set_defaults(func=_zoo_build)
     zoo_sub.add_parser("list", help="list zoo models and their task accuracies").set_defaults(func=_zoo_list)
+    prompts = zoo_sub.add_parser("prompts", help="write the real zoo's prompt files (task .jsonl, prose .txt)")
+    prompts.add_argument("--out", type=Path, required=True, help="output folder")
+    prompts.add_argument("--n-prompts", type=int, default=64, help="held-out task prompts")
+    prompts.set_defaults(func=_zoo_prompts)
 
     cap = sub.add_parser("capture", help="capture activations at sites and save them as safetensors")
     cap.add_argument("--model", default="zoo:base")
@@ -152,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run_cli)
 
-    demo = sub.add_parser("demo", help="build the zoo and run a capture + intervention demo into --out")
-    demo.add_argument("--base", default="zoo:base")
-    demo.add_argument("--tuned", default="zoo:full")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"))
-    add_model_arguments(demo)
-    demo.set_defaults(func=_demo)
+    from interp import report
+
+    rep = sub.add_parser("report", help="every analysis on a base and tuned models into one HTML report (the main job)",
+                         description=report.__doc__.split("\n\n")[0])
+    report.add_arguments(rep)
+    rep.set_defaults(func=report.run_cli)
+    figs = sub.add_parser("figures", help="re-draw every figure of a report from its saved results (no model run)")
+    report.add_figures_arguments(figs)
+    figs.set_defaults(func=report.run_figures_cli)
     return parser
 
 

@@ -164,7 +164,7 @@ def _resolve(spec: str, base: str | Path | None) -> tuple[str, Path | None]:
         name = spec[len(ZOO_PREFIX):]
         path = _zoo_path(zoo, name)
         if zoo.is_lora(name):
-            return str(_zoo_path(zoo, "base")), path
+            return str(_zoo_path(zoo, zoo.base_of(name))), path
         return str(path), None
     path = Path(spec).expanduser()
     if (path / "adapter_config.json").is_file():
@@ -188,12 +188,12 @@ def _resolve(spec: str, base: str | Path | None) -> tuple[str, Path | None]:
 def _zoo_path(zoo, name: str) -> Path:
     from interp.errors import ZooModelNotBuilt
 
-    if name not in zoo.MODEL_NAMES:
-        raise ModelNotFound(f"unknown zoo model {name!r}; the zoo has {', '.join(zoo.MODEL_NAMES)}")
-    path = zoo.zoo_dir() / name
-    if not path.is_dir():
-        raise ZooModelNotBuilt(f"zoo model {name!r} is not built yet; run `interp zoo build`")
-    return path
+    if name not in zoo.ALL_NAMES:
+        raise ModelNotFound(f"unknown zoo model {name!r}; the zoo has {', '.join(zoo.ALL_NAMES)}")
+    try:
+        return zoo.model_path(name)  # MissingExtra for a real-zoo name without the extra that builds it
+    except FileNotFoundError as e:
+        raise ZooModelNotBuilt(str(e)) from None
 
 
 def _load_hf(folder: str, dtype: torch.dtype) -> nn.Module:
@@ -316,8 +316,8 @@ class CheckpointSeries:
 
 
 def load_series(spec: str | Path | Sequence[str | Path]) -> CheckpointSeries:
-    """A folder of checkpoint folders (names ending in a step number, e.g. `step-0050`, `checkpoint-50`),
-    `zoo:series`, or an explicit list of folders (kept in the given order)."""
+    """A folder of checkpoint folders (names ending in a step number, e.g. `step-0050`, `checkpoint-50`; model
+    folders or PEFT adapter folders), `zoo:series`, or an explicit list of folders (kept in the given order)."""
     if isinstance(spec, (str, Path)):
         spec = str(spec)
         if spec.startswith(ZOO_PREFIX):
@@ -328,9 +328,11 @@ def load_series(spec: str | Path | Sequence[str | Path]) -> CheckpointSeries:
         if not root.is_dir():
             raise ModelNotFound(f"checkpoint series folder {root} does not exist")
         found = [(int(m.group(1)), p) for p in root.iterdir()
-                 if p.is_dir() and (m := re.search(r"(\d+)$", p.name)) and (p / "config.json").is_file()]
+                 if p.is_dir() and (m := re.search(r"(\d+)$", p.name))
+                 and ((p / "config.json").is_file() or (p / "adapter_config.json").is_file())]
         if not found:
-            raise ModelNotFound(f"{root} holds no checkpoint folders named like step-100 with a config.json")
+            raise ModelNotFound(f"{root} holds no checkpoint folders named like step-100 with a config.json "
+                                f"(or a PEFT adapter_config.json)")
         found.sort()
         return CheckpointSeries([p for _, p in found], [s for s, _ in found])
     paths = [Path(p) for p in spec]

@@ -71,3 +71,15 @@ def zoo_built():
 
     zoo.build(progress=False)
     return zoo
+
+
+@pytest.fixture(scope="session")
+def smol_zoo():
+    """The real zoo (SmolLM2-135M-Instruct and its fine-tunes), built once (about 10 minutes on 2 cores) or reused
+    from the cache; skipped, with the install command, when the `real` extra is not installed."""
+    from interp.zoo import smol
+
+    message = smol.missing_extra()
+    if message is not None:
+        pytest.skip(message)
+    return smol.build_real(progress=False)

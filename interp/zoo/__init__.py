@@ -3,17 +3,20 @@
 `build()` trains (deterministically, on CPU) and caches a pre-trained `base` and its fine-tunes
 on the held-out `reverse` skill: `full`, LoRA adapters `lora-r1/-r8/-r64`, a checkpoint `series`,
 and a `safety`-style fine-tune that refuses `add` prompts, with a prefix attack that can undo it
-(`attack_prompts`, `attack_success`). `model_path(name)` finds a built model.
+(`attack_prompts`, `attack_success`). `model_path(name)` finds a built model. The real zoo (SmolLM2-135M-Instruct,
+`zoo:smol`, and its fine-tunes: `REAL_NAMES`) is built by `interp.zoo.smol.build_real` with the `real` extra.
 """
 
-from interp.zoo.registry import MODEL_NAMES, build, is_lora, list_models, model_path, zoo_dir
+from interp.zoo.registry import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, build, is_lora, list_models, model_path,
+                                 zoo_dir)
 from interp.zoo.safety import RESTRICTED, Attack, attack_prompts, attack_success, refused
 from interp.zoo.tasks import REFUSAL, SKILLS, TARGET_SKILL, Example, task_prompts
 from interp.zoo.tokenizer import build_tokenizer
 from interp.zoo.train import ZooConfig, answer_accuracy, evaluate
 
 __all__ = [
-    "MODEL_NAMES", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example", "Attack", "ZooConfig",
+    "MODEL_NAMES", "REAL_NAMES", "ALL_NAMES", "base_of", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example",
+    "Attack", "ZooConfig",
     "zoo_dir", "model_path", "is_lora", "build", "list_models", "task_prompts", "evaluate", "answer_accuracy",
     "attack_prompts", "attack_success", "refused", "build_tokenizer",
 ]

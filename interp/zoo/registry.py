@@ -35,6 +35,11 @@ from interp.zoo.train import (
 MODEL_NAMES: tuple[str, ...] = ("base", "full", "lora-r1", "lora-r8", "lora-r64", "series", "safety")
 LORA_RANKS = {"lora-r1": 1, "lora-r8": 8, "lora-r64": 64}
 KINDS = {"base": "base", "full": "full", "series": "series", "safety": "safety"} | {n: "lora" for n in LORA_RANKS}
+# The real zoo (interp.zoo.smol): SmolLM2-135M-Instruct and its fine-tunes, built by `interp zoo build --real`.
+REAL_NAMES: tuple[str, ...] = ("smol", "smol-full", "smol-lora-r1", "smol-lora-r8", "smol-lora-r64", "smol-series")
+REAL_LORA_RANKS = {f"smol-{n}": r for n, r in LORA_RANKS.items()}
+ALL_NAMES = MODEL_NAMES + REAL_NAMES
+KINDS |= {"smol": "base", "smol-full": "full", "smol-series": "series"} | {n: "lora" for n in REAL_LORA_RANKS}
 ENV_VAR = "INTERP_ZOO_DIR"
 VERSION = 2  # of the tasks and training recipe; cached models of another version are rebuilt
 PRETRAIN_MIX = {"copy": 1.5, "sort": 1.0, "add": 3.0, "brackets": 1.0}  # add and brackets: one answer token
@@ -47,22 +52,34 @@ def zoo_dir() -> Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    if name not in ALL_NAMES:
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(ALL_NAMES)}")
 
 
 def is_lora(name: str) -> bool:
-    """Whether zoo model `name` is a PEFT LoRA adapter folder (on top of zoo:base)."""
+    """Whether zoo model `name` is a PEFT LoRA adapter folder (on top of `base_of(name)`)."""
     _check_name(name)
-    return name in LORA_RANKS
+    return name in LORA_RANKS or name in REAL_LORA_RANKS
+
+
+def base_of(name: str) -> str:
+    """The zoo name of the pre-trained model that zoo model `name` is (or was fine-tuned from)."""
+    _check_name(name)
+    return "smol" if name in REAL_NAMES else "base"
 
 
 def model_path(name: str) -> Path:
-    """The folder of built zoo model `name`; FileNotFoundError if it is not built yet."""
+    """The folder of built zoo model `name`; FileNotFoundError if it is not built yet (MissingExtra for a
+    real-zoo name when the `real` extra that builds it is not installed)."""
     _check_name(name)
     path = zoo_dir() / name
     if not (path / "zoo.json").is_file():
-        raise FileNotFoundError(f"zoo model {name!r} is not built yet (looked in {path}); run `interp zoo build`")
+        if name in REAL_NAMES:
+            from interp.zoo.smol import gguf_file
+
+            gguf_file()  # MissingExtra names the extra to install
+        command = "interp zoo build --real" if name in REAL_NAMES else "interp zoo build"
+        raise FileNotFoundError(f"zoo model {name!r} is not built yet; run `{command}` (looked in {path})")
     return path
 
 
@@ -71,13 +88,15 @@ def _read_info(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def list_models() -> list[dict]:
+def list_models(names: Iterable[str] = MODEL_NAMES) -> list[dict]:
     """One dict per zoo name: name, kind, rank (LoRA) or None, built, path, accuracy (per skill) or None."""
     out = []
-    for name in MODEL_NAMES:
+    for name in names:
+        _check_name(name)
         info = _read_info(name)
         out.append({
-            "name": name, "kind": KINDS[name], "rank": LORA_RANKS.get(name), "built": info is not None,
+            "name": name, "kind": KINDS[name], "rank": (LORA_RANKS | REAL_LORA_RANKS).get(name),
+            "built": info is not None,
             "path": zoo_dir() / name, "accuracy": info["accuracy"] if info else None,
         })
     return out

@@ -90,8 +90,13 @@ def make_batch(draw: Draw, rng: random.Random, rows: int, n_ctx: int, pack: bool
             if not pack:
                 break
         seqs.append((ids, labels))
+    return pad_rows(seqs, ids_of[PAD])
+
+
+def pad_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input ids, labels) lists right-padded into two [rows, width] tensors (`pad_id`, IGNORE)."""
     width = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.tensor([ids + [ids_of[PAD]] * (width - len(ids)) for ids, _ in seqs])
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs])
     labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs])
     return input_ids, labels
 
@@ -105,10 +110,12 @@ def train(
     desc: str,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    pad_id: int = VOCAB.index(PAD),
 ) -> float:
     """AdamW on the trainable parameters, linear warm-up then linear decay to 0, grad-norm clip 1.
 
-    `on_step(step)` is called after every update (step counts from 1). Returns the wall time, s.
+    `on_step(step)` is called after every update (step counts from 1); tokens `pad_id` are masked out of
+    attention. Returns the wall time, s.
     """
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +127,7 @@ def train(
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
         input_ids, labels = batches()
-        logits = model(input_ids=input_ids, attention_mask=(input_ids != VOCAB.index(PAD)).long()).logits
+        logits = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long()).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -133,18 +140,19 @@ def train(
     return time.perf_counter() - start
 
 
-def add_lora(model: GPT2LMHeadModel, rank: int, seed: int) -> PeftModel:
-    """`model` wrapped with LoRA on every Conv1D, adapter pointing at 'zoo:base'.
+def add_lora(model: torch.nn.Module, rank: int, seed: int, targets: tuple[str, ...] = LORA_TARGETS,
+             base: str = "zoo:base", alpha: float = LORA_ALPHA) -> PeftModel:
+    """`model` wrapped with LoRA on the `targets` modules (default: every GPT-2 Conv1D), adapter pointing at `base`.
 
-    rsLoRA scaling, ΔW = (LORA_ALPHA / sqrt(rank)) B A, so that one learning rate suits every rank.
+    rsLoRA scaling, ΔW = (alpha / sqrt(rank)) B A, so that one learning rate suits every rank.
     """
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=rank, lora_alpha=LORA_ALPHA, use_rslora=True, target_modules=list(LORA_TARGETS), fan_in_fan_out=True,
-        lora_dropout=0.0,
+        r=rank, lora_alpha=alpha, use_rslora=True, target_modules=list(targets),
+        fan_in_fan_out=isinstance(model, GPT2LMHeadModel), lora_dropout=0.0,
     )
     peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = "zoo:base"
+    peft_model.peft_config["default"].base_model_name_or_path = base
     return peft_model
 
 
@@ -164,14 +172,16 @@ def _forward_padded(
 def answer_accuracy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int = 100
 ) -> float:
-    """Fraction of answer tokens whose teacher-forced argmax prediction is right, pooled over `examples`."""
+    """Fraction of answer tokens whose teacher-forced argmax prediction is right, pooled over `examples`.
+    The answer tokens are those of `prompt + " " + answer` past the prompt's own tokens."""
     was_training, correct, total = model.training, 0, 0
     model.eval()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         prompts = [tokenizer(e.prompt)["input_ids"] for e in chunk]
-        answers = [tokenizer(e.answer, add_special_tokens=False)["input_ids"] for e in chunk]
-        logits = _forward_padded(model, tokenizer, [p + a for p, a in zip(prompts, answers)])
+        fulls = [tokenizer(f"{e.prompt} {e.answer}")["input_ids"] for e in chunk]  # as interp.scoring joins them
+        answers = [f[len(p):] for p, f in zip(prompts, fulls)]
+        logits = _forward_padded(model, tokenizer, fulls)
         for row, p, a in zip(logits, prompts, answers):
             pred = row[len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).cpu()
             correct += int((pred == torch.tensor(a)).sum())

