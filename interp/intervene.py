@@ -1,4 +1,5 @@
-"""Forward-pass edits as data: add, scale, ablate, project, replace, at any site, chosen heads and positions.
+"""Forward-pass edits as data: add, add_nearest (a vector per nearest centroid), scale, ablate, project, replace,
+at any site, chosen heads and positions.
 
 An edit is a frozen dataclass naming a `Site`, the positions it touches and what it does. Edits compose
 by listing them (applied in order at each site), print readably, and are applied by whichever backend
@@ -62,6 +63,21 @@ class Add(Edit):
 
 
 @dataclass(frozen=True)
+class AddNearest(Edit):
+    """x + scale * vectors[k(x)], where k(x) is the centroid nearest to x (Euclidean), chosen per position:
+    a piecewise-constant edit (e.g. concept-wise steering). `centroids`, `vectors` [k, d_model]."""
+
+    centroids: Tensor = None
+    vectors: Tensor = None
+    scale: float = 1.0
+
+    def transform(self, x: Tensor, batch: Batch) -> Tensor:
+        centroids = self.centroids.to(x.device, torch.float64)
+        nearest = torch.cdist(x.double().reshape(-1, x.shape[-1]), centroids).argmin(-1).reshape(x.shape[:-1])
+        return x + self.scale * self.vectors.to(x.device, x.dtype)[nearest]
+
+
+@dataclass(frozen=True)
 class Scale(Edit):
     """factor * x (a head or a whole site)."""
 
@@ -120,6 +136,14 @@ def _site(s: Site | str) -> Site:
 
 def add(s: Site | str, vector: Float[Tensor, " d_model"], scale: float = 1.0, positions=None) -> Add:
     return Add(_site(s), vector=vector, scale=scale, positions=positions)
+
+
+def add_nearest(s: Site | str, centroids: Float[Tensor, "k d_model"], vectors: Float[Tensor, "k d_model"],
+                scale: float = 1.0, positions=None) -> AddNearest:
+    if centroids.shape != vectors.shape:
+        raise UnsupportedEdit(f"add_nearest at {s}: centroids {tuple(centroids.shape)} and vectors "
+                              f"{tuple(vectors.shape)} must have the same shape [k, d_model]")
+    return AddNearest(_site(s), centroids=centroids, vectors=vectors, scale=scale, positions=positions)
 
 
 def scale(s: Site | str, factor: float, positions=None) -> Scale:

@@ -224,3 +224,26 @@ def test_edits_at_resid_pre_and_resid_mid_of_one_layer_read_alike(loaded, prompt
         assert (a[s] - b[s]).abs().max() <= 1e-5, s
     # attn_out is the attention's own output on the edited input; resid_mid carries both edits
     assert torch.allclose(a["resid_mid.1"], (a["resid_pre.1"] + a["attn_out.1"] + w) * a.mask[..., None], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_nearest_adds_the_vector_of_each_positions_nearest_centroid(loaded, prompts, backend):
+    from interp.intervene import add_nearest
+
+    model = loaded["gpt2"]
+    clean = interp.capture(model, prompts, ["resid_post.1"], progress=False)["resid_post.1"]  # [prompt, pos, d]
+    g = torch.Generator().manual_seed(5)
+    centroids = torch.stack([clean[0, 0], clean[-1, 1], 10 * torch.randn(model.d_model, generator=g)])
+    vectors = torch.randn(3, model.d_model, generator=g)
+    edit = add_nearest("resid_post.1", centroids, vectors, 2.0)
+    edited = interp.capture(model, prompts, ["resid_post.1"], edits=[edit], backend=backend, padding_side="left",
+                            progress=False)["resid_post.1"]
+    nearest = torch.cdist(clean.double(), centroids.double()).argmin(-1)
+    real = torch.arange(clean.shape[1])[None] < torch.tensor([len(p) for p in prompts])[:, None]
+    assert nearest[real].unique().tolist() == [0, 1]  # both data centroids are used, the far one never
+    assert (edited - clean - 2.0 * vectors[nearest])[real].abs().max() <= 1e-4
+    one = add_nearest("resid_post.1", centroids[:1], vectors[:1], positions="last")
+    plain = add("resid_post.1", vectors[0], positions="last")
+    assert (logits(model, prompts, [one], backend) - logits(model, prompts, [plain], backend)).abs().max() <= 1e-5
+    with pytest.raises(interp.errors.UnsupportedEdit, match="same shape"):
+        add_nearest("resid_post.1", centroids, vectors[:2])
