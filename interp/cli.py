@@ -111,13 +111,6 @@ def _capture(args) -> None:
     print(f"captured {', '.join(args.sites)} for {len(prompts)} prompts -> {args.out}")
 
 
-def _demo(args) -> None:
-    from interp.demo import run_demo
-
-    index = run_demo(args.out, base=args.base, tuned=args.tuned, device=args.device, backend=args.backend)
-    print(f"demo report: {index}")
-
-
 ANALYSES = {
     "tuco": "TuCo: pre-training vs fine-tuning components, Tuning Contribution, alpha steering",
     "intruders": "LoRA intruder dimensions: singular-vector similarity, counts over epsilon, lambda steering",
@@ -171,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run_cli)
 
-    demo = sub.add_parser("demo", help="build the zoo and run a capture + intervention demo into --out")
-    demo.add_argument("--base", default="zoo:base")
-    demo.add_argument("--tuned", default="zoo:full")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"))
-    add_model_arguments(demo)
-    demo.set_defaults(func=_demo)
+    from interp import report
+
+    rep = sub.add_parser("report", help="every analysis on a base and tuned models into one HTML report (the main job)",
+                         description=report.__doc__.split("\n\n")[0])
+    report.add_arguments(rep)
+    rep.set_defaults(func=report.run_cli)
+    figs = sub.add_parser("figures", help="re-draw every figure of a report from its saved results (no model run)")
+    report.add_figures_arguments(figs)
+    figs.set_defaults(func=report.run_figures_cli)
     return parser
 
 

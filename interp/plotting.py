@@ -6,12 +6,14 @@ and PNG side by side. Nothing here touches a model.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "MPLBACKEND" not in os.environ:  # headless by default; Jupyter kernels set MPLBACKEND to their inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMN_WIDTH_IN = 3.4

@@ -13,12 +13,12 @@ from conftest import save_model
 def test_console_script_help():
     done = subprocess.run([sys.executable, "-m", "interp.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    for command in ("zoo", "capture", "demo"):
+    for command in ("zoo", "capture", "report", "figures"):
         assert command in done.stdout
 
 
 @pytest.mark.parametrize("argv", [["zoo", "--help"], ["zoo", "build", "--help"], ["capture", "--help"],
-                                  ["demo", "--help"]])
+                                  ["report", "--help"], ["figures", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
