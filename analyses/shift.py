@@ -15,14 +15,18 @@ models' representations (`resid_post.l`, or `final`, the output of the final nor
                  the unembedding W_U (no final norm applied)
 
 Steering (`steer`): add a vector (a concept shift, the global shift, or `mean_difference` of two prompt
-groups) with a strength to `resid_post.l` of either model, at all positions by default (the paper's
-setting); `strength_sweep` reports KL(steered || target) of the next-token distribution at the last
-prompt token and the accuracy on a held-out skill (the side effect).
+groups) with a strength to `resid_post.l` (or `final`) of either model, at all positions by default (the
+paper's setting), at the last prompt token, or from it on (generation). Concept-wise steering adds to each
+position the shift of the base concept nearest to its representation there (`add_nearest`).
+`strength_sweep` reports KL(steered || target) of the next-token distribution at the last prompt token and
+the accuracy on a held-out skill (the side effect); `steering_curve` takes shifts and the layer from train
+prompts and the curve from test prompts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.capture import capture
-from interp.intervene import add
+from interp.intervene import add, add_nearest
 from interp.models import Model, Pair
 from interp.plotting import figure, model_color, save_figure
 from interp.prompts import Tokens, tokenize
@@ -41,6 +45,7 @@ from interp.results import load_result, save_result
 
 METHODS = ("kmeans", "pca", "semi-nmf")
 TOP = 5
+RESTARTS = 32  # K-means restarts: at K = 20 on the zoo fewer leave the seed visible in the concepts
 
 # ---------------------------------------------------------------------------------------- representations
 
@@ -99,7 +104,7 @@ class Concepts:
 
 
 def learn_concepts(x: Float[Tensor, "item d_model"], k: int, method: str = "kmeans", *, seed: int = 0,
-                   restarts: int = 4, iters: int = 100) -> Concepts:
+                   restarts: int = RESTARTS, iters: int = 300) -> Concepts:
     """K concepts of `x` with `method` (one of METHODS); seeded and deterministic."""
     x = x.double()
     if not 1 <= k <= len(x):
@@ -121,9 +126,10 @@ def learn_concepts(x: Float[Tensor, "item d_model"], k: int, method: str = "kmea
     raise ValueError(f"unknown concept method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def kmeans(x: Float[Tensor, "item d"], k: int, *, seed: int = 0, restarts: int = 4,
-           iters: int = 100) -> Float[Tensor, "k d"]:
-    """Lloyd's K-means with k-means++ starts; the restart with the lowest inertia wins."""
+def kmeans(x: Float[Tensor, "item d"], k: int, *, seed: int = 0, restarts: int = RESTARTS,
+           iters: int = 300) -> Float[Tensor, "k d"]:
+    """Lloyd's K-means from greedy k-means++ starts, run to convergence (no assignment changes, at most
+    `iters` steps); of `restarts` runs the one with the lowest inertia (sum of squared distances) wins."""
     g = torch.Generator().manual_seed(seed)
     best, best_inertia = None, float("inf")
     for _ in range(restarts):
@@ -143,12 +149,18 @@ def kmeans(x: Float[Tensor, "item d"], k: int, *, seed: int = 0, restarts: int =
 
 
 def _kmeans_pp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    """Greedy k-means++ (Arthur & Vassilvitskii 2007): each new centre is the best (lowest total squared
+    distance) of 2 + ln k candidates drawn with probability proportional to the squared distance."""
+    trials = 2 + int(math.log(k))
     chosen = [int(torch.randint(len(x), (1,), generator=g))]
     d2 = (x - x[chosen[0]]).square().sum(1)
     for _ in range(1, k):
         weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
-        chosen.append(int(torch.multinomial(weights, 1, generator=g)))
-        d2 = torch.minimum(d2, (x - x[chosen[-1]]).square().sum(1))
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=g)
+        new = torch.minimum(d2[None], torch.cdist(x[candidates], x).square())  # [trial, item]
+        pick = int(new.sum(1).argmin())
+        chosen.append(int(candidates[pick]))
+        d2 = new[pick]
     return x[chosen].clone()
 
 
@@ -380,18 +392,42 @@ def decode(vectors: Float[Tensor, "n d_model"], w_u: Float[Tensor, "vocab d_mode
 
 # ---------------------------------------------------------------------------------------------- steering
 
-def steering_edit(vector: Float[Tensor, " d_model"], layer: int | str, strength: float = 1.0, positions=None):
-    """The edit adding `strength * vector` at `resid_post.layer` (or at `final` for layer='final')."""
+STEER_MODES = ("global", "concept")
+STEER_POSITIONS = ("all", "last", "from-last")
+
+
+def steering_edit(vector: Float[Tensor, "*concept d_model"], layer: int | str, strength: float = 1.0,
+                  positions=None, centroids: Float[Tensor, "concept d_model"] | None = None):
+    """The edit adding `strength * vector` at `resid_post.layer` (or at `final` for layer='final'). With
+    `centroids`, `vector` holds one shift per concept and each position gets the shift of the concept nearest
+    to its own representation there (concept-wise steering)."""
     where = "final" if layer == "final" else f"resid_post.{int(layer)}"
-    return add(where, vector, scale=strength, positions=positions)
+    if centroids is None:
+        return add(where, vector, scale=strength, positions=positions)
+    return add_nearest(where, centroids, vector, scale=strength, positions=positions)
 
 
 @contextmanager
-def steer(model: Model, vector: Float[Tensor, " d_model"], layer: int | str, strength: float = 1.0, positions=None):
+def steer(model: Model, vector: Float[Tensor, "*concept d_model"], layer: int | str, strength: float = 1.0,
+          positions=None, centroids: Tensor | None = None):
     """Within the block, `model` (base or tuned) runs with `strength * vector` added at layer `layer`'s
-    residual output, at `positions` (default every position), for logits, loss and generation."""
-    with model.edit(steering_edit(vector, layer, strength, positions)):
+    residual output (concept-wise with `centroids`, see `steering_edit`), at `positions` (canonical, default
+    every position), for logits, loss and generation."""
+    with model.edit(steering_edit(vector, layer, strength, positions, centroids)):
         yield model
+
+
+def prompt_positions(where: str, prompt_lengths: Sequence[int], width: int):
+    """Canonical positions for a STEER_POSITIONS name, given each input's prompt length in tokens (the input may
+    go on with an answer or generated tokens, up to `width`): None for "all", else a mask [input, width] of
+    the last prompt token ("last") or of every position from it on ("from-last")."""
+    if where == "all":
+        return None
+    if where not in STEER_POSITIONS:
+        raise ValueError(f"steering positions {where!r}; use one of {', '.join(STEER_POSITIONS)}")
+    last = torch.as_tensor(list(prompt_lengths))[:, None] - 1
+    cols = torch.arange(width)[None]
+    return cols == last if where == "last" else cols >= last
 
 
 def next_token_kl(model: Model, target: Model, prompts, *, target_logprobs: Tensor | None = None,
@@ -409,22 +445,109 @@ def _last_logprobs(model: Model, prompts, batch_size: int) -> Tensor:
 
 def strength_sweep(model: Model, target: Model, prompts: Sequence[str], vector: Tensor, layer: int | str,
                    strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), *, positions=None,
-                   held_out: tuple[Sequence[str], Sequence[str]] | None = None, label: str = "shift") -> dict:
-    """KL(steered || target) on `prompts` and held-out accuracy (`held_out` = (prompts, answers)) for each
-    strength. Returns {"strength", "kl", "accuracy" (or None), "closure" (1 - KL / KL at strength 0), ...}."""
+                   held_out: tuple[Sequence[str], Sequence[str]] | None = None, label: str = "shift",
+                   centroids: Tensor | None = None) -> dict:
+    """KL(steered || target) on `prompts` and held-out accuracy (`held_out` = (prompts, answers), teacher-forced)
+    for each strength. `positions`: a STEER_POSITIONS name (for the held-out answers "last" / "from-last" mean
+    the prompt's last token / from it on) or canonical positions used as they are. Returns {"strength", "kl",
+    "accuracy" (or None), "closure" (1 - KL / KL unsteered), ...}."""
     from interp.scoring import answer_scores
 
+    where = _where(model, prompts, positions)
+    held_where = _where(model, held_out[0], positions) if held_out is not None else None
     target_lp = _last_logprobs(target, prompts, 16)
     start = float(next_token_kl(model, target, prompts, target_logprobs=target_lp).mean())
     kl, acc = [], []
     for s in strengths:
-        with steer(model, vector, layer, s, positions):
+        with steer(model, vector, layer, s, where, centroids):
             kl.append(float(next_token_kl(model, target, prompts, target_logprobs=target_lp).mean()))
-            if held_out is not None:
+        if held_out is not None:
+            with steer(model, vector, layer, s, held_where, centroids):
                 acc.append(float(answer_scores(model, *held_out).accuracy.mean()))
     return {"label": label, "model": model.name, "target": target.name, "layer": layer,
+            "positions": positions if isinstance(positions, str) or positions is None else "custom",
             "strength": [float(s) for s in strengths], "kl": kl, "kl_unsteered": start,
             "closure": [1 - v / start if start > 0 else 0.0 for v in kl], "accuracy": acc if held_out else None}
+
+
+def _where(model: Model, prompts: Sequence[str], positions):
+    if not isinstance(positions, str) or positions not in STEER_POSITIONS:
+        return positions
+    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
+    return prompt_positions(positions, lengths, model.n_ctx)
+
+
+def steering_vectors(result: ShiftResult, layer: int | str, mode: str = "global"
+                     ) -> tuple[Tensor, Tensor | None]:
+    """(vector, centroids) to steer the base with at `layer`: the global shift and None, or ("concept") the
+    concept shifts [concept, d_model] and the base K-means centroids they belong to."""
+    i = 0 if layer == "final" else result.layer_index(int(layer))
+    if mode == "global":
+        return result.global_shift[i], None
+    if mode != "concept":
+        raise ValueError(f"steering mode {mode!r}; use one of {', '.join(STEER_MODES)}")
+    if result.method != "kmeans" or result.fit_on != "base":
+        raise ValueError("concept-wise steering of the base assigns inputs to the nearest base centroid: "
+                         f"measure with method='kmeans', fit_on='base' (got {result.method!r}, {result.fit_on!r})")
+    return result.shifts[i], result.concepts[i]
+
+
+def best_layer(pair: Pair, prompts: Sequence[str], result: ShiftResult, mode: str = "global",
+               positions=None) -> int | str:
+    """The measured layer at which steering the base (strength 1, `mode`, `positions`) gives the lowest KL to
+    the tuned model on `prompts`."""
+    kls = layer_kls(pair, prompts, result, mode, positions)
+    return min(kls, key=kls.get)
+
+
+def layer_kls(pair: Pair, prompts: Sequence[str], result: ShiftResult, mode: str = "global",
+              positions=None) -> dict:
+    """{layer: mean KL(base steered at strength 1 || tuned)} over `prompts` for each layer of `result`
+    ("final" for a final-norm result)."""
+    target = _last_logprobs(pair.tuned, prompts, 16)
+    where = _where(pair.base, prompts, positions)
+    kls = {}
+    for layer in (["final"] if result.site == "final" else result.layers):
+        with steer(pair.base, *_at(result, layer, mode, where)):
+            kls[layer] = float(next_token_kl(pair.base, pair.tuned, prompts, target_logprobs=target).mean())
+    return kls
+
+
+def _at(result: ShiftResult, layer, mode: str, where) -> tuple:
+    vector, centroids = steering_vectors(result, layer, mode)
+    return vector, layer, 1.0, where, centroids
+
+
+def steering_curve(pair: Pair, train: Sequence[str], test: Sequence[str], *, mode: str = "concept",
+                   positions: str = "last", layers: Sequence[int | str] | None = None, k: int = 20, seed: int = 0,
+                   strengths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+                   held_out: tuple[Sequence[str], Sequence[str]] | None = None) -> dict:
+    """Steer the base toward the tuned model: shifts (and K-means concepts) from the `train` prompts at the
+    positions steered (every position for "all", else the last prompt token), the layer among `layers` (ints
+    for `resid_post`, "final"; default every layer and "final") with the lowest KL on `train` at strength 1,
+    then `strength_sweep` on `test`.
+    The sweep dict gains "mode", "layer_kl" and "layer_closure" (train, per candidate layer)."""
+    tokens = tokenize(pair.base.tokenizer, train, max_length=pair.base.n_ctx)
+    at = torch.ones(len(train), pair.base.n_ctx, dtype=torch.bool) if positions == "all" else "last"
+    n_items = int(tokens.lengths.sum()) if positions == "all" else len(train)
+    kw = dict(positions=at, k=min(k, n_items), seed=seed, progress=False)
+    layers = [*range(pair.base.n_layers), "final"] if layers is None else list(layers)
+    blocks = [layer for layer in layers if layer != "final"]
+    results = {}
+    if blocks:
+        results["resid_post"] = measure(pair, tokens, layers=blocks, **kw)
+    if "final" in layers:
+        results["final"] = measure(pair, tokens, site="final", **kw)
+    kls = {}
+    for result in results.values():
+        kls |= layer_kls(pair, train, result, mode, positions)
+    layer = min(kls, key=kls.get)
+    vector, centroids = steering_vectors(results["final" if layer == "final" else "resid_post"], layer, mode)
+    sweep = strength_sweep(pair.base, pair.tuned, test, vector, layer, strengths, positions=positions,
+                           held_out=held_out, label=f"{mode} shift, {positions}", centroids=centroids)
+    start = float(next_token_kl(pair.base, pair.tuned, train).mean())
+    return sweep | {"mode": mode, "layer_kl": {str(key): v for key, v in kls.items()},
+                    "layer_closure": {str(key): 1 - v / start for key, v in kls.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -533,8 +656,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=20, help="number of concepts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit-on", default="base", choices=("base", "tuned"))
-    parser.add_argument("--steer-layer", type=int, help="layer to steer at (default: the one with the lowest "
-                                                         "KL at strength 1 of the global shift)")
+    parser.add_argument("--steer", default="concept", choices=STEER_MODES,
+                        help="steer the base with the global shift or concept-wise (each position gets the shift "
+                             "of its nearest base concept)")
+    parser.add_argument("--steer-positions", default="last", choices=STEER_POSITIONS,
+                        help="positions steered: every one, the last prompt token, or from it on (generation)")
+    parser.add_argument("--steer-layer", help="layer to steer at, or 'final' (default: the lowest KL at strength 1 "
+                                              "on every other prompt; the curve is measured on the rest)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
 
 
@@ -546,29 +674,19 @@ def run_cli(args) -> None:
     pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
     result = measure(pair, prompts, layers=args.layers, site=args.site, method=args.method, k=min(args.k, len(prompts)),
                      seed=args.seed, fit_on=args.fit_on)
-    layer = args.steer_layer if args.steer_layer is not None else best_layer(pair, prompts, result)
-    vector = result.global_shift[0] if result.site == "final" else result.shift(layer)
-    sweep = strength_sweep(pair.base, pair.tuned, prompts, vector, layer, args.strengths,
-                           held_out=_held_out(args), label="global shift")
+    train, test = prompts[::2], prompts[1::2]  # shifts, concepts and the layer / the steering curve
+    if args.steer_layer is not None:
+        layers = ["final" if args.steer_layer == "final" else int(args.steer_layer)]
+    else:
+        layers = [*(args.layers or range(pair.base.n_layers)), "final"]
+    sweep = steering_curve(pair, train, test, mode=args.steer, positions=args.steer_positions, layers=layers,
+                           k=args.k, seed=args.seed, strengths=args.strengths, held_out=_held_out(args))
     write(result, sweep, args.out)
     frame = result.to_frame()
     print(f"shift written to {args.out}: {len(frame)} concept rows; mean relative error base "
           f"{frame.rel_error_base.mean():.3f}, global {frame.rel_error_global.mean():.3f}, concept "
-          f"{frame.rel_error_concept.mean():.3f}; steering at layer {layer}: KL {sweep['kl_unsteered']:.3f} -> "
-          f"{min(sweep['kl']):.3f}")
-
-
-def best_layer(pair: Pair, prompts: Sequence[str], result: ShiftResult) -> int | str:
-    """The measured layer at which adding the global shift to the base (strength 1) gives the lowest KL to the
-    tuned model on `prompts`."""
-    if result.site == "final":
-        return "final"
-    target = _last_logprobs(pair.tuned, prompts, 16)
-    kls = []
-    for layer in result.layers:
-        with steer(pair.base, result.shift(layer), layer):
-            kls.append(float(next_token_kl(pair.base, pair.tuned, prompts, target_logprobs=target).mean()))
-    return result.layers[min(range(len(kls)), key=kls.__getitem__)]
+          f"{frame.rel_error_concept.mean():.3f}; {sweep['label']} steering at layer {sweep['layer']}: KL "
+          f"{sweep['kl_unsteered']:.3f} -> {min(sweep['kl']):.3f} (best closure {max(sweep['closure']):.1%})")
 
 
 def _held_out(args) -> tuple[list[str], list[str]] | None:

@@ -111,6 +111,37 @@ def test_steering_the_base_with_the_shift_reaches_the_tuned_model_and_back(const
         assert shift.next_token_kl(steered, pair.base, PROMPTS).max() <= 1e-8
 
 
+def test_steering_positions_name_the_last_prompt_token_and_what_follows():
+    assert shift.prompt_positions("all", [3, 1], 5) is None
+    assert shift.prompt_positions("last", [3, 1], 5).int().tolist() == [[0, 0, 1, 0, 0], [1, 0, 0, 0, 0]]
+    assert shift.prompt_positions("from-last", [3, 1], 5).int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="from-last"):
+        shift.prompt_positions("first", [3], 5)
+
+
+def test_concept_wise_steering_reproduces_a_group_specific_shift_that_no_single_vector_can(model_dirs):
+    """Tuned = base + v at the last token of group A's prompts only: the concept shifts (v for A's concept,
+    0 for B's) steer the base onto the tuned model at that layer; the global shift v/2 cannot."""
+    base, tuned = interp.load_model(model_dirs["gpt2"]), interp.load_model(model_dirs["gpt2"])
+    v = 3 * torch.randn(base.d_model, generator=torch.Generator().manual_seed(4))
+    lengths = interp.tokenize(base.tokenizer, PROMPTS).lengths
+    last_a = shift.prompt_positions("last", lengths, 8) & (torch.arange(len(PROMPTS)) < len(GROUP_A))[:, None]
+    with tuned.edit(interp.add(f"resid_post.{LAYER}", v, positions=last_a)):
+        pair = interp.load_pair(base, tuned)
+        curve = shift.steering_curve(pair, PROMPTS, PROMPTS, mode="concept", positions="last",
+                                     layers=[0, LAYER, "final"], k=2, strengths=[0.0, 1.0])
+        result = shift.measure(pair, PROMPTS, layers=[LAYER], k=2, progress=False)
+        vector, centroids = shift.steering_vectors(result, LAYER, "global")
+        one = shift.strength_sweep(base, tuned, PROMPTS, vector, LAYER, [1.0], positions="last")
+    assert centroids is None and torch.allclose(vector, v / 2, atol=1e-4)
+    assert curve["layer"] == LAYER and curve["layer_kl"][str(LAYER)] <= 1e-8 < curve["layer_kl"]["0"]
+    assert curve["kl"][1] <= 1e-8 and curve["closure"][1] == pytest.approx(1.0) and curve["mode"] == "concept"
+    assert one["kl"][0] > 1e-3 and base.edits == []
+    with pytest.raises(ValueError, match="kmeans"):
+        shift.steering_vectors(shift.measure(pair, PROMPTS, layers=[LAYER], k=2, method="pca", progress=False),
+                               LAYER, "concept")
+
+
 @pytest.mark.parametrize("method", ("pca", "semi-nmf"))
 def test_other_dictionaries_and_fitting_on_the_tuned_model(constructed, method):
     pair, v, _ = constructed
@@ -160,7 +191,8 @@ def test_cli_writes_results_tables_and_figures_that_redraw_identically(model_dir
     table = pd.read_csv(out / "shift.csv")
     assert len(table) == 2 * 3 and table.n.groupby(table.layer).sum().eq(len(PROMPTS)).all()
     sweep = json.loads((out / "steering.json").read_text())
-    assert sweep["strength"] == [0.0, 1.0] and sweep["accuracy"] is None and sweep["layer"] in (1, 2)
+    assert sweep["strength"] == [0.0, 1.0] and sweep["accuracy"] is None and sweep["layer"] in (1, 2, "final")
+    assert sweep["mode"] == "concept" and set(sweep["layer_kl"]) == {"1", "2", "final"}
     before = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
     assert len(before) == 8
     assert {p.name: p.read_bytes() for p in shift.redraw(out)} == before
