@@ -242,9 +242,10 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em aut
 h1{font-size:1.5em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px 10px} .card h3{margin:0 0 4px;font-size:1em}
-.card img{width:100%} .err{color:#b00020} pre{white-space:pre-wrap;background:#fff4f4;padding:8px}
+.card img{width:100%;max-height:240px;object-fit:contain} .err{color:#b00020} pre{white-space:pre-wrap;background:#fff4f4;padding:8px}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{padding:1px 8px;border-bottom:1px solid #eee;
-text-align:left} .figs img{width:48%;min-width:320px;vertical-align:top} .muted{color:#666;font-size:.9em}"""
+text-align:left} .figs img{width:48%;min-width:320px;vertical-align:top} .muted{color:#666;font-size:.9em}
+.scroll{overflow-x:auto}"""
 
 
 def _fmt(value) -> str:
@@ -253,10 +254,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _headline(section: dict) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
-                   for k, v in section["headline"].items())
-    return f"<table>{rows}</table>" if rows else ""
+def _headline(section: dict, rows: int | None = None) -> str:
+    items = list(section["headline"].items())
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items[:rows])
+    more = f'<p class="muted">{len(items) - rows} more in the section</p>' if rows and len(items) > rows else ""
+    return f"<table>{body}</table>{more}" if body else ""
 
 
 def _figure(png: str) -> str:
@@ -272,12 +274,12 @@ def _table(root: Path, caption: str, csv: str, rows: int = 12) -> str:
     more = f" (first {rows} of {len(frame)} rows)" if len(frame) > rows else ""
     body = frame.head(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
     return (f'<p class="muted">{html.escape(caption)}{more}: <a href="{html.escape(csv)}">{html.escape(csv)}</a></p>'
-            + body)
+            f'<div class="scroll">{body}</div>')
 
 
 def _card(section: dict) -> str:
     body = (f'<p class="err">{html.escape(section["error"])}</p>' if section["error"] else
-            _headline(section) + (_figure(section["figures"][0]) if section["figures"] else ""))
+            _headline(section, rows=6) + (_figure(section["figures"][0]) if section["figures"] else ""))
     return f'<div class="card"><h3><a href="#{section["name"]}">{html.escape(section["title"])}</a></h3>{body}</div>'
 
 
