@@ -121,7 +121,8 @@ def edge_attribution(model, tp: TokenPairs, *, ig_steps: int = 0, metric: str = 
     deltas = [corrupt["embed"] - clean["embed"]]
     for layer in range(L):
         heads = corrupt[f"head_out.{layer}"] - clean[f"head_out.{layer}"]
-        deltas += [*rearrange(heads, "pair pos head d -> head pair pos d"), corrupt[f"mlp_out.{layer}"] - clean[f"mlp_out.{layer}"]]
+        mlp = corrupt[f"mlp_out.{layer}"] - clean[f"mlp_out.{layer}"]
+        deltas += [*rearrange(heads, "pair pos head d -> head pair pos d"), mlp]
     raw = einsum(torch.stack(deltas), path_grads, "up pair pos d, down pair pos d -> up down") / len(tp)
     gap = (metric_of(last_logits(clean), tp.answer, tp.wrong, metric).mean()
            - metric_of(last_logits(corrupt), tp.answer, tp.wrong, metric).mean())

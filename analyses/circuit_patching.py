@@ -229,7 +229,8 @@ def activation_patching(model, tp: TokenPairs, sites: Sequence[Site | Sequence[S
     (m_patched - m_base) when `normalise=False`."""
     groups = [(site(s),) if isinstance(s, (Site, str)) else tuple(map(site, s)) for s in sites]
     base, source = _runs(direction, tp)
-    acts = capture(model, source, sorted({s for g in groups for s in g}), batch_size=batch_size, progress=False)
+    acts = capture(model, source, list(dict.fromkeys(s for g in groups for s in g)), batch_size=batch_size,
+                   progress=False)
     m_clean = metric_values(model, tp.clean, tp, metric, batch_size=batch_size)
     m_corrupt = metric_values(model, tp.corrupt, tp, metric, batch_size=batch_size)
     positions = [[p] for p in range(base.ids.shape[1])] if per_position else [None]

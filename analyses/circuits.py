@@ -41,7 +41,8 @@ MODELS = ("base", "tuned")
 class CircuitsResult:
     """Tensors keyed `"{method}.{task}.{model}"` ([layer, head] for heads, [layer] for `mlp_*`), detector
     scores `"detector.{name}.{model}"` and `"detector_task.{name}.{model}"` [layer, head], `"edges"`
-    [upstream, downstream], `"cmap.gain"` [component]; everything else (names, gaps, circuit faithfulness, ablation, LoFiT accuracies) in `meta`."""
+    [upstream, downstream], `"cmap.gain"` [component]; everything else (names, gaps, circuit faithfulness,
+    ablation, LoFiT accuracies) in `meta`."""
 
     tensors: dict[str, Tensor]
     meta: dict = field(default_factory=dict)
@@ -70,12 +71,12 @@ class CircuitsResult:
 
         rows = []
         for model in MODELS:
-            for layer, h in torch.cartesian_prod(*(torch.arange(n) for n in self.tensors["detector.induction.base"].shape)).tolist():
+            n_layers, n_heads = self.tensors["detector.induction.base"].shape
+            for layer, h in ((layer, h) for layer in range(n_layers) for h in range(n_heads)):
                 row = {"model": model, "layer": layer, "head": h}
                 for key, t in self.tensors.items():
-                    parts = key.split(".")
-                    if key.endswith("." + model) and t.dim() == 2 and not key.startswith("mlp") and parts[0] != "edges":
-                        row[".".join(parts[:-1])] = float(t[layer, h])
+                    if key.endswith("." + model) and t.dim() == 2:
+                        row[key.removesuffix("." + model)] = float(t[layer, h])
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -136,11 +137,14 @@ def top_heads(importance: Tensor, n: int = 3) -> list[tuple[int, int]]:
 def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: PromptPairs | None = None,
             task: tuple[list[str], list[str]] | None = None, target: tuple[list[str], list[str]] | None = None,
             skill: str = "copy", n: int = 64, metric: str = "logit_diff", ig_steps: int = 5,
-            circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True, cmap_max_set: int = 3,
-            lofit: tuple[list[str], list[str]] | None = None, seed: int = 0) -> CircuitsResult:
+            circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True,
+            cmap_max_set: int = 3, lofit: tuple[list[str], list[str]] | None = None, seed: int = 0,
+            reuse: CircuitsResult | None = None) -> CircuitsResult:
     """Run the analyses listed in the module docstring. On zoo models every prompt set defaults to the zoo's
     tasks; otherwise pass `pairs` and `target_pairs` (clean/corrupt), `task` and `target` (prompts, answers
-    to score accuracy and CMAP) and `lofit` (training prompts, answers) as needed."""
+    to score accuracy and CMAP) and `lofit` (training prompts, answers) as needed. `reuse`, a result of the
+    same base on the same prompts, supplies the base-only parts (base maps, edges, ablation) without rerunning.
+    """
     from interp.zoo import TARGET_SKILL, task_prompts
 
     def zoo_task(name, split="test", count=n):
@@ -153,7 +157,14 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
     target = target or zoo_task(TARGET_SKILL)
     tensors: dict[str, Tensor] = {}
     meta: dict = {"base": pair.base.name, "tuned": pair.tuned.name, "skill": skill, "metric": metric, "gaps": {}}
+    reusing = reuse is not None and reuse.meta["base"] == pair.base.name and reuse.meta["skill"] == skill
+    if reusing:
+        tensors.update({k: v for k, v in reuse.tensors.items() if k.endswith(".base") or k == "edges"})
+        meta["gaps"].update({k: v for k, v in reuse.meta["gaps"].items() if k.endswith(".base")})
+        meta.update({k: reuse.meta[k] for k in ("edges", "ablation") if k in reuse.meta})
     for name, model in zip(MODELS, pair.models):
+        if name == "base" and reusing:
+            continue
         for label, pp in (("skill", pairs), ("target", target_pairs)):
             tp = tokenize_pairs(model, pp)
             for k, v in _importance(model, tp, metric).items():
@@ -164,19 +175,21 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
             tensors[f"detector.{d}.{name}"] = scores
         for d, scores in detector_scores(model, [f"{p} {a}" for p, a in zip(*task)]).items():
             tensors[f"detector_task.{d}.{name}"] = scores
-    tp = tokenize_pairs(pair.base, pairs)
-    edges = edge_attribution(pair.base, tp, ig_steps=ig_steps, metric=metric)
-    tensors["edges"] = edges.scores
-    meta["edges"] = {"upstream": edges.upstream, "downstream": edges.downstream, "ig_steps": ig_steps,
-                     "faithfulness": {str(k): f for k, f in
-                                      faithfulness_curve(pair.base, tp, edges, circuit_sizes, metric=metric).items()}}
-    if ablation:
+    if not reusing:
+        tp = tokenize_pairs(pair.base, pairs)
+        edges = edge_attribution(pair.base, tp, ig_steps=ig_steps, metric=metric)
+        tensors["edges"] = edges.scores
+        curve = faithfulness_curve(pair.base, tp, edges, circuit_sizes, metric=metric)
+        meta["edges"] = {"upstream": edges.upstream, "downstream": edges.downstream, "ig_steps": ig_steps,
+                         "faithfulness": {str(k): f for k, f in curve.items()}}
+    if ablation and "ablation" not in meta:
         heads = top_heads(tensors["patching.skill.base"])
         meta["ablation"] = ablation_effect(pair.base, heads, *task, seed=seed)
     if cmap:
         res = cmap_module.cmap(pair, *target, max_set=cmap_max_set)
         tensors["cmap.gain"] = res.gain
-        meta["cmap"] = {"components": res.components, "greedy": res.greedy, "m_base": res.m_base, "m_tuned": res.m_tuned}
+        meta["cmap"] = {"components": res.components, "greedy": [[names, g] for names, g in res.greedy],
+                        "m_base": res.m_base, "m_tuned": res.m_tuned}
     if lofit is not None:
         fitted = lofit_module.train(pair.base, *lofit, seed=seed)
         meta["lofit"] = lofit_summary(pair.base, fitted, *target)
@@ -231,10 +244,10 @@ def report_section(ctx):
         kwargs.update(pairs=pairs_from_answers(ctx.base, skill.prompts, skill.answers),
                       target_pairs=pairs_from_answers(ctx.base, target.prompts, target.answers),
                       task=(skill.prompts, skill.answers), target=(target.prompts, target.answers))
-    headline, figures, redraw_calls, steering = {}, [], [], []
+    headline, figures, redraw_calls, result = {}, [], [], None
     for label, pair in ctx.pairs():
-        ctx.step(f"{label}: patching, attribution, EAP-IG, CMAP, ablation")
-        result = measure(pair, **kwargs)
+        ctx.step(f"{label}: patching, attribution, CMAP" + ("" if result else ", base edges (EAP-IG) and ablation"))
+        result = measure(pair, reuse=result, **kwargs)
         write(result, ctx.out / label)
         act, att = (result.heads(m, "skill", "base").flatten().numpy() for m in ("patching", "attribution"))
         headline["Spearman(attribution, patching), base"] = round(float(spearmanr(act, att).statistic), 3)
@@ -244,20 +257,20 @@ def report_section(ctx):
         headline[f"faithfulness of the top-{max(map(int, faith))}-edge circuit"] = round(faith[max(faith, key=int)], 3)
         emergent = result.emergent(1)[0]
         headline[f"top emergent head, {label}"] = f"{emergent['layer']}.{emergent['head']}"
-        a = result.meta["ablation"]
-        steering.append(f"{label}: mean-ablating the base's top-3 heads {a['heads']} drops task accuracy by "
-                        f"{a['top_drop']:.2f}, 3 random heads by {a['random_drop']:.2f}")
         figures += [ctx.rel(ctx.out / label / "figures" / f"{name}.png") for name in ("heads_target", "cmap")]
         redraw_calls.append(("analyses.circuits:redraw", ctx.rel(ctx.out / label)))
     first = next(iter(ctx.tuned))
     figures = [ctx.rel(ctx.out / first / "figures" / f"{name}.png") for name in
                ("circuit", "attribution_vs_patching", "ablation", "heads_skill")] + figures
+    a = result.meta["ablation"]
     headline["top-3 ablation drop (base)"] = round(a["top_drop"], 3)
     headline["random-3 ablation drop (base)"] = round(a["random_drop"], 3)
     return Section("circuits", "Circuits and heads", headline, figures=figures,
                    tables={f"{label}: head importances and detector scores": ctx.rel(ctx.out / label / "heads.csv")
                            for label in ctx.tuned},
-                   steering="; ".join(steering) + ".",
+                   steering=f"Mean-ablating the base's top-3 heads for {result.meta['skill']} {a['heads']} drops its "
+                            f"accuracy from {a['clean_accuracy']:.2f} by {a['top_drop']:.2f}; 3 random heads drop it by "
+                            f"{a['random_drop']:.2f} on average ({len(a['random_accuracy'])} draws).",
                    notes="Importance = metric drop when a head is patched to its corrupt activation (logit difference). "
                          "Emergent heads gain importance on the target task from base to tuned. CMAP gain = share of "
                          "the tuned model's advantage recovered by patching tuned activations into the base.",
@@ -278,7 +291,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-prompts", type=int, default=64, help="zoo pairs per task")
     parser.add_argument("--metric", default="logit_diff", choices=("logit_diff", "prob", "loss"))
     parser.add_argument("--ig-steps", type=int, default=5, help="EAP-IG steps (0: plain EAP)")
-    parser.add_argument("--lofit", action="store_true", help="train LoFiT offsets on the base (zoo target skill)")
+    parser.add_argument("--lofit", action="store_true", help="train LoFiT offsets on the base (zoo: on reverse train "
+                        "prompts, scored on test prompts; otherwise on the target pairs' clean prompts, in-sample)")
     parser.add_argument("--no-cmap", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_model_arguments(parser)

@@ -230,6 +230,11 @@ def test_measure_saves_loads_and_redraws(planted, pairs, tmp_path):
     names = {p.name for p in circuits.redraw(tmp_path)}
     assert {"circuit.pdf", "heads_target.png", "cmap.pdf", "ablation.png"} <= names
     assert (tmp_path / "lofit" / "lofit.safetensors").is_file()
+    again = circuits.measure(planted, pairs=pairs, target_pairs=pairs, task=task, target=task, cmap=False, reuse=result)
+    for key, value in result.tensors.items():
+        if key.endswith(".tuned") or key.endswith(".base") or key == "edges":
+            assert torch.allclose(again.tensors[key], value, atol=1e-5), key
+    assert again.meta["ablation"] == result.meta["ablation"]
 
 
 def test_cli_is_registered_and_needs_pairs_outside_the_zoo(model_dirs, tmp_path, capsys):

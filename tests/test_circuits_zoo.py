@@ -95,7 +95,7 @@ def test_lofit_on_the_target_skill(pair):
     base = pair.base
     train = interp.zoo.task_prompts(interp.zoo.TARGET_SKILL, 512, split="train")
     test = interp.zoo.task_prompts(interp.zoo.TARGET_SKILL, 128, split="test")
-    fitted = lofit.train(base, [e.prompt for e in train], [e.answer for e in train], steps=(60, 150), l1=0.05,
+    fitted = lofit.train(base, [e.prompt for e in train], [e.answer for e in train], steps=(40, 100), l1=0.05,
                          lr=(0.05, 0.05))
     summary = circuits.lofit_summary(base, fitted, [e.prompt for e in test], [e.answer for e in test])
     print(f"\nLoFiT on {summary['k']} of {summary['n_heads']} heads {summary['heads']}: held-out reverse accuracy "
