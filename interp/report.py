@@ -21,6 +21,8 @@ module defines one, else `analyses.report_sections.BUILDERS[name]`; with neither
 `Section.redraw` lists ("module:function", folder) calls that re-draw all of the section's figures from its saved
 results without a model; `interp figures DIR` runs them and re-renders index.html from summary.json. A builder that
 raises is reported in its own section (message, and the traceback in DIR/<name>/error.txt); the others still run.
+Budget: the default zoo report (three tuned models) has to fit about 10 minutes on 2 CPU cores, so a section should
+take about 2 minutes there, and seconds with `ctx.quick`.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
 
         step("zoo: building (or reusing) the zoo models")
         zoo.build(progress=True)
-    sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 96))
+    sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 64))
     step(f"loading {base} and {', '.join(map(str, tuned))}")
     kw = dict(device=device, dtype=dtype, backend=backend)
     base_model = load_model(base, **kw)
@@ -332,7 +334,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=Path, help="target-task prompts (.txt, or .jsonl with 'prompt' and "
                                                      "optional 'answer'); optional on zoo models")
     parser.add_argument("--prompts-b", type=Path, help="a second prompt set to compare (zoo: pre-training skills)")
-    parser.add_argument("--n-prompts", type=int, help="zoo prompts per set (default 96, 16 with --quick)")
+    parser.add_argument("--n-prompts", type=int, help="zoo prompts per set (default 64, 16 with --quick)")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these analyses")
     parser.add_argument("--quick", action="store_true", help="small settings everywhere (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("out/report"), help="report folder (default out/report)")

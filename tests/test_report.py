@@ -103,12 +103,12 @@ def _assert_static(root: Path) -> None:
 
 # --------------------------------------------------------------------------------------- the zoo report
 
-QUICK_TUNED = ("zoo:full", "zoo:lora-r8")
+QUICK_TUNED = ("zoo:lora-r8",)  # one tuned model keeps the test short; cross-model code runs all the same
 
 
 @pytest.fixture(scope="module")
 def quick_report(zoo_built, tmp_path_factory) -> Path:
-    """A quick report on the zoo (two tuned models), with a failing section injected between the real ones."""
+    """A quick report on the zoo, with a failing section injected between the real ones."""
     out = tmp_path_factory.mktemp("report") / "report"
     sections = dict(report.SECTIONS)
     sections = {"tuco": sections.pop("tuco"), "broken": "Broken", **sections}
@@ -132,12 +132,12 @@ def test_quick_zoo_report_has_every_section_and_its_files(quick_report):
         assert sections["circuits"]["error"].startswith("not available")
     _assert_static(quick_report)
     # headline numbers are the saved results' numbers
-    for label in ("full", "lora-r8"):
+    for label in ("lora-r8",):
         saved = tuco.TuCoResult.load(quick_report / "tuco" / label / "results" / "reverse")
         assert abs(sections["tuco"]["headline"][f"TuCo {label} (reverse)"] - float(saved.tuco().mean())) < 1e-6
         counted = int(intruders.IntruderResult.load(quick_report / "intruders" / "results" / label).count().sum())
         assert sections["intruders"]["headline"][f"intruders {label} (eps 0.5)"] == counted
-    assert 0 <= sections["tuco"]["headline"]["TuCo full (reverse)"] <= 1
+    assert 0 < sections["tuco"]["headline"]["TuCo lora-r8 (reverse)"] < 1
 
 
 def _figure_files(root: Path) -> dict[str, bytes]:
@@ -155,7 +155,7 @@ def test_figures_redraw_byte_for_byte(quick_report, tmp_path):
             p.unlink()
     assert main(["figures", str(copy)]) == 0
     after = _figure_files(copy)
-    assert sorted(after) == sorted(before) and len(after) > 20
+    assert sorted(after) == sorted(before) and len(after) > 30
     assert [name for name in before if after[name] != before[name]] == []
     assert (copy / "index.html").read_bytes() == page
 
@@ -206,4 +206,4 @@ def test_report_renders_in_headless_chromium(quick_report, tmp_path):
     assert any("missing.png" in p for p in caught) and any("boom" in p for p in caught), caught
     assert problems == []
     pixels = matplotlib.image.imread(quick_report / "screenshot.png")
-    assert pixels.shape[0] >= 900 and pixels.std() > 0.05  # a rendered page, not a blank one
+    assert pixels.shape[0] >= 600 and pixels.std() > 0.05  # a rendered page, not a blank one
