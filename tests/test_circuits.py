@@ -122,6 +122,15 @@ def test_faithfulness_end_points_and_circuits(gpt2, tp):
     assert edges.top(3)[0][2] == edges.scores.flatten()[edges.scores.abs().flatten().argmax()]
 
 
+def test_backends_agree(model_dirs, gpt2, tp):
+    other = interp.load_model(model_dirs["gpt2"], backend="nnsight")
+    sites = [Site("head_out", 0, 1), Site("mlp_out", 1), Site("resid_pre", 2)]
+    for fn in (cp.activation_patching, cp.attribution_patching):
+        assert torch.allclose(fn(gpt2, tp, sites), fn(other, tp, sites), atol=1e-4), fn.__name__
+    a, b = (ce.edge_attribution(m, tp, ig_steps=2).scores for m in (gpt2, other))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, model_dirs):
     """Tuned = base with only layer 1's MLP changed."""
