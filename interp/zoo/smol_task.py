@@ -29,7 +29,7 @@ from interp.zoo.tasks import Example, split_of
 from interp.zoo.train import IGNORE
 
 TASK = "zorbish"
-N_WORDS = 128
+N_WORDS = 64
 LENGTHS = (3, 5)  # words per prompt, inclusive
 SEP = "="
 PREFIX = "Translate to Zorbish:"
