@@ -15,14 +15,14 @@ def plot_head_maps(result, task: str = "target", axes=None):
     """Layer x head importance (activation patching) for base, tuned and tuned - base, side by side."""
     if axes is None:
         axes = figure(3, 1, width=2 * COLUMN_WIDTH_IN, height=2.0)[1][0]
-    base, tuned = result.heads("patching", task, "base"), result.heads("patching", task, "tuned")
+    base, tuned = result.heads(result.method, task, "base"), result.heads(result.method, task, "tuned")
     lim = float(torch.cat([base, tuned]).abs().max()) or 1.0
     diff_lim = float((tuned - base).abs().max()) or 1.0
     for ax, data, title, vmax in zip(axes, (base, tuned, tuned - base),
                                      (f"base ({result.meta['base']})", f"tuned ({result.meta['tuned']})", "tuned - base"),
                                      (lim, lim, diff_lim)):
         im = ax.imshow(data.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set(xlabel="head", ylabel="layer", title=title)
+        ax.set(xlabel="head", ylabel="layer", title=f"{title}, {result.method}")
         ax.set_xticks(range(data.shape[1]))
         ax.set_yticks(range(data.shape[0]))
         ax.grid(False)
@@ -137,9 +137,10 @@ def save_figures(result, out: str | Path) -> list[Path]:
     fig, ax = figure(width=2 * COLUMN_WIDTH_IN, height=3.0)
     plot_circuit(result, ax=ax[0, 0])
     written += save_figure(fig, out / "circuit")
-    fig, ax = figure()
-    plot_agreement(result, ax[0, 0])
-    written += save_figure(fig, out / "attribution_vs_patching")
+    if result.method == "patching":
+        fig, ax = figure()
+        plot_agreement(result, ax[0, 0])
+        written += save_figure(fig, out / "attribution_vs_patching")
     if "cmap.gain" in result.tensors:
         fig, ax = figure()
         plot_cmap(result, ax=ax[0, 0])

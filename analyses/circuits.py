@@ -47,19 +47,25 @@ class CircuitsResult:
     tensors: dict[str, Tensor]
     meta: dict = field(default_factory=dict)
 
+    @property
+    def method(self) -> str:
+        """The importance measure the maps, emergent heads and ablation use: activation patching when it was run,
+        else attribution patching."""
+        return "patching" if "patching.skill.base" in self.tensors else "attribution"
+
     def heads(self, method: str, task: str, model: str) -> Tensor:
         return self.tensors[f"{method}.{task}.{model}"]
 
     def emergent(self, n: int = 5, task: str | None = None) -> list[dict]:
         """Heads whose importance on `task` (default: target) grows most from base to tuned, with detector scores."""
         task = task or "target"
-        diff = self.heads("patching", task, "tuned") - self.heads("patching", task, "base")
+        base, tuned = self.heads(self.method, task, "base"), self.heads(self.method, task, "tuned")
+        diff = tuned - base
         n_heads = diff.shape[1]
         rows = []
         for i in diff.flatten().topk(min(n, diff.numel())).indices.tolist():
             layer, h = divmod(i, n_heads)
-            rows.append({"layer": layer, "head": h, "base": float(self.heads("patching", task, "base")[layer, h]),
-                         "tuned": float(self.heads("patching", task, "tuned")[layer, h]),
+            rows.append({"layer": layer, "head": h, "base": float(base[layer, h]), "tuned": float(tuned[layer, h]),
                          "difference": float(diff[layer, h]),
                          **{f"{kind}.{d}": float(self.tensors[f"{kind}.{d}.tuned"][layer, h])
                             for kind in ("detector", "detector_task") for d in DETECTORS}})
@@ -96,12 +102,14 @@ class CircuitsResult:
         return cls(tensors, meta)
 
 
-def _importance(model: Model, tp, metric: str) -> dict[str, Tensor]:
-    """-(noising effect) in metric units, by activation and by attribution patching: heads [L, H], MLPs [L]."""
+def _importance(model: Model, tp, metric: str, patching: bool = True) -> dict[str, Tensor]:
+    """-(noising effect) in metric units, by activation (when `patching`) and by attribution patching:
+    heads [L, H], MLPs [L]."""
     sites = component_sites(model, ("head", "mlp"))
     L, H = model.n_layers, model.n_heads
     out = {}
-    for method, fn in (("patching", activation_patching), ("attribution", attribution_patching)):
+    methods = (("patching", activation_patching),) if patching else ()
+    for method, fn in methods + (("attribution", attribution_patching),):
         effect = -fn(model, tp, sites, metric=metric, normalise=False)
         per_layer = effect.reshape(L, H + 1)
         out[method], out["mlp_" + method] = per_layer[:, :H], per_layer[:, H]
@@ -139,11 +147,12 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
             skill: str = "copy", n: int = 64, metric: str = "logit_diff", ig_steps: int = 5,
             circuit_sizes: Sequence[int] = (5, 10, 20, 40), ablation: bool = True, cmap: bool = True,
             cmap_max_set: int = 3, lofit: tuple[list[str], list[str]] | None = None, seed: int = 0,
-            reuse: CircuitsResult | None = None) -> CircuitsResult:
+            patching: bool = True, n_random: int = 5, reuse: CircuitsResult | None = None) -> CircuitsResult:
     """Run the analyses listed in the module docstring. On zoo models every prompt set defaults to the zoo's
     tasks; otherwise pass `pairs` and `target_pairs` (clean/corrupt), `task` and `target` (prompts, answers
     to score accuracy and CMAP) and `lofit` (training prompts, answers) as needed. `reuse`, a result of the
     same base on the same prompts, supplies the base-only parts (base maps, edges, ablation) without rerunning.
+    `patching=False` skips activation patching (one forward per component): attribution patching ranks the heads.
     """
     from interp.zoo import TARGET_SKILL, task_prompts
 
@@ -167,7 +176,7 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
             continue
         for label, pp in (("skill", pairs), ("target", target_pairs)):
             tp = tokenize_pairs(model, pp)
-            for k, v in _importance(model, tp, metric).items():
+            for k, v in _importance(model, tp, metric, patching).items():
                 tensors[f"{k}.{label}.{name}"] = v
             meta["gaps"][f"{label}.{name}"] = float(metric_values(model, tp.clean, tp, metric).mean()
                                                     - metric_values(model, tp.corrupt, tp, metric).mean())
@@ -183,8 +192,8 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
         meta["edges"] = {"upstream": edges.upstream, "downstream": edges.downstream, "ig_steps": ig_steps,
                          "faithfulness": {str(k): f for k, f in curve.items()}}
     if ablation and "ablation" not in meta:
-        heads = top_heads(tensors["patching.skill.base"])
-        meta["ablation"] = ablation_effect(pair.base, heads, *task, seed=seed)
+        heads = top_heads(tensors[f"{'patching' if patching else 'attribution'}.skill.base"])
+        meta["ablation"] = ablation_effect(pair.base, heads, *task, n_random=n_random, seed=seed)
     if cmap:
         res = cmap_module.cmap(pair, *target, max_set=cmap_max_set)
         tensors["cmap.gain"] = res.gain
@@ -232,8 +241,8 @@ def report_section(ctx):
     from interp.report import Section
 
     n = 16 if ctx.quick else 64
-    kwargs = dict(n=n, ig_steps=2 if ctx.quick else 5, circuit_sizes=(5, 20) if ctx.quick else (5, 10, 20, 40),
-                  cmap_max_set=1 if ctx.quick else 3)
+    kwargs = dict(n=n, ig_steps=1 if ctx.quick else 5, circuit_sizes=(5,) if ctx.quick else (5, 10, 20, 40),
+                  cmap_max_set=1 if ctx.quick else 3, patching=not ctx.quick, n_random=2 if ctx.quick else 5)
     if not ctx.base.name.startswith("zoo:"):
         (_, target), *rest = ctx.sets.items()
         skill = next((ps for _, ps in rest if ps.answers), target)
@@ -249,8 +258,9 @@ def report_section(ctx):
         ctx.step(f"{label}: patching, attribution, CMAP" + ("" if result else ", base edges (EAP-IG) and ablation"))
         result = measure(pair, reuse=result, **kwargs)
         write(result, ctx.out / label)
-        act, att = (result.heads(m, "skill", "base").flatten().numpy() for m in ("patching", "attribution"))
-        headline["Spearman(attribution, patching), base"] = round(float(spearmanr(act, att).statistic), 3)
+        if result.method == "patching":
+            act, att = (result.heads(m, "skill", "base").flatten().numpy() for m in ("patching", "attribution"))
+            headline["Spearman(attribution, patching), base"] = round(float(spearmanr(act, att).statistic), 3)
         best_set, gain = result.meta["cmap"]["greedy"][-1]
         headline[f"CMAP gain of {len(best_set)} components, {label}"] = round(gain, 3)
         faith = result.meta["edges"]["faithfulness"]
@@ -260,8 +270,9 @@ def report_section(ctx):
         figures += [ctx.rel(ctx.out / label / "figures" / f"{name}.png") for name in ("heads_target", "cmap")]
         redraw_calls.append(("analyses.circuits:redraw", ctx.rel(ctx.out / label)))
     first = next(iter(ctx.tuned))
-    figures = [ctx.rel(ctx.out / first / "figures" / f"{name}.png") for name in
-               ("circuit", "attribution_vs_patching", "ablation", "heads_skill")] + figures
+    names = ("circuit", "attribution_vs_patching", "ablation", "heads_skill")
+    figures = [ctx.rel(ctx.out / first / "figures" / f"{name}.png") for name in names
+               if (ctx.out / first / "figures" / f"{name}.png").is_file()] + figures
     a = result.meta["ablation"]
     headline["top-3 ablation drop (base)"] = round(a["top_drop"], 3)
     headline["random-3 ablation drop (base)"] = round(a["random_drop"], 3)
@@ -327,7 +338,7 @@ def run_cli(args) -> None:
 
 
 def summary(result: CircuitsResult) -> str:
-    parts = [f"top heads {top_heads(result.heads('patching', 'skill', 'base'))}"]
+    parts = [f"top heads {top_heads(result.heads(result.method, 'skill', 'base'))}"]
     if "ablation" in result.meta:
         a = result.meta["ablation"]
         parts.append(f"ablating them drops accuracy by {a['top_drop']:.2f} (random heads {a['random_drop']:.2f})")
