@@ -530,7 +530,7 @@ def steering_curve(pair: Pair, train: Sequence[str], test: Sequence[str], *, mod
     tokens = tokenize(pair.base.tokenizer, train, max_length=pair.base.n_ctx)
     at = torch.ones(len(train), pair.base.n_ctx, dtype=torch.bool) if positions == "all" else "last"
     n_items = int(tokens.lengths.sum()) if positions == "all" else len(train)
-    kw = dict(positions=at, k=min(k, n_items), seed=seed, progress=False)
+    kw = dict(positions=at, k=min(k, n_items) if mode == "concept" else 1, seed=seed, progress=False)
     layers = [*range(pair.base.n_layers), "final"] if layers is None else list(layers)
     blocks = [layer for layer in layers if layer != "final"]
     results = {}

@@ -38,31 +38,41 @@ def test_concept_shifts_recover_the_tuned_representations(zoo_pair):
 
 
 def test_steering_the_base_with_the_shift_toward_the_tuned_model(zoo_pair):
-    """Reported, not asserted: the issue expects the global shift at the best layer to close at least half of
-    the KL gap on target-skill prompts; on the zoo it did not (see the printed curve)."""
+    """Shifts, concepts and the layer (every resid_post layer and `final`) from train prompts of the target
+    skill, the curve on test prompts, the side effect on `copy`. Concept-wise steering at the last prompt
+    token closes more of the KL gap than the global shift (all positions, the paper's setting); the issue's
+    "at least half" is NOT met (about 0.3 here; see the report): the tuned model answers with the last symbol,
+    the base with the first, and no additive vector per concept (nor any single vector) carries that."""
     zoo, pair = zoo_pair
-    train = [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, 128, split="train")]
+    train = [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, 512, split="train")]
     test = [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, 128, split="test")]
     side = zoo.task_prompts(zoo.SKILLS[0], 64, split="test")
-    result = shift.measure(pair, train, k=4, progress=False)  # shifts from training prompts, KL on test prompts
-    layer = shift.best_layer(pair, train, result)
     held_out = ([e.prompt for e in side], [e.answer for e in side])
-    sweep = shift.strength_sweep(pair.base, pair.tuned, test, result.shift(layer), layer,
-                                 [0.0, 0.5, 1.0, 1.5, 2.0, 4.0], held_out=held_out, label="global shift")
     base_acc = float(interp.answer_scores(pair.base, *held_out).accuracy.mean())
     tuned_acc = float(interp.answer_scores(pair.tuned, *held_out).accuracy.mean())
-    print(f"\nsteering zoo:base with the global shift of {zoo.TARGET_SKILL} (train prompts) at layer {layer}, all "
-          f"positions; KL(base || tuned) on test prompts {sweep['kl_unsteered']:.3f}; {zoo.SKILLS[0]} accuracy: "
-          f"base {base_acc:.3f}, tuned {tuned_acc:.3f}")
-    for s, kl, c, a in zip(sweep["strength"], sweep["kl"], sweep["closure"], sweep["accuracy"]):
-        print(f"  strength {s:4.2f}  KL {kl:.4f}  gap closed {c:7.1%}  {zoo.SKILLS[0]} accuracy {a:.3f}")
-    assert sweep["kl_unsteered"] > 0 and all(kl >= 0 for kl in sweep["kl"]) and sweep["closure"][0] == 0
-    assert sweep["accuracy"][0] == pytest.approx(base_acc)
+    print(f"\n{zoo.SKILLS[0]} accuracy: base {base_acc:.3f}, tuned {tuned_acc:.3f}")
+    curves = {}
+    for mode, positions in (("global", "all"), ("global", "last"), ("concept", "last"), ("concept", "from-last")):
+        sweep = shift.steering_curve(pair, train, test, mode=mode, positions=positions, held_out=held_out,
+                                     strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+        curves[mode, positions] = sweep
+        print(f"{mode} shift at {positions} positions; train closure per layer "
+              + " ".join(f"{layer}:{c:.3f}" for layer, c in sweep["layer_closure"].items())
+              + f"; steering at {sweep['layer']}, test KL(base || tuned) {sweep['kl_unsteered']:.3f}")
+        for s, kl, c, a in zip(sweep["strength"], sweep["kl"], sweep["closure"], sweep["accuracy"]):
+            print(f"  strength {s:4.2f}  KL {kl:.4f}  gap closed {c:7.1%}  {zoo.SKILLS[0]} accuracy {a:.3f}")
+        assert sweep["kl_unsteered"] > 1 and sweep["closure"][0] == 0
+        assert sweep["accuracy"][0] == pytest.approx(base_acc)
+    best = {key: max(sweep["closure"]) for key, sweep in curves.items()}
+    assert best["concept", "last"] > best["global", "all"] + 0.05 and best["concept", "last"] > best["global", "last"]
+    assert best["concept", "last"] >= 0.2
 
 
-def test_kmeans_concepts_across_seeds(zoo_pair):
-    """Reported, not asserted: the issue expects a mean matched cosine >= 0.9 between seeds (K-means, K=20);
-    on the zoo it held at layers 0-2 but not at the last layer."""
+def test_kmeans_concepts_are_stable_across_seeds(zoo_pair):
+    """Two seeds, K = 20 (K-means, greedy k-means++, 32 restarts): matched concepts (Hungarian on cosine)
+    have a mean cosine >= 0.9 at layers 0-2. Reported, not asserted, at the last layer: its
+    representations split into 20 clusters in many ways of almost the same inertia (about 0.85-0.9 for any
+    seed pair here, as with scikit-learn's KMeans, n_init=100)."""
     zoo, pair = zoo_pair
     prompts = mixed_prompts(zoo)
     runs = [shift.measure(pair, prompts, k=20, seed=seed, progress=False) for seed in (0, 1)]
@@ -74,4 +84,5 @@ def test_kmeans_concepts_across_seeds(zoo_pair):
         print(f"\nlayer {layer}: matched concepts, mean cosine {cos.mean():.4f} (min {cos.min():.4f}); "
               f"centred {centred.mean():.4f} (min {centred.min():.4f})", end="")
         assert sorted(match.tolist()) == list(range(20)) and cos.max() <= 1 + 1e-5
-        assert cos.mean() > 0.5  # far from chance, which is what a broken dictionary or matching would give
+        if layer < pair.base.n_layers - 1:
+            assert cos.mean() >= 0.9
