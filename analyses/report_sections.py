@@ -23,7 +23,8 @@ from interp.report import Context, Section
 class Settings:
     """Sizes of a report run; QUICK is a smoke test, FULL fits the zoo report in a few minutes on 2 cores."""
 
-    alphas: tuple[float, ...] = (-0.5, 0.0, 0.5, 1.0, 1.5)
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+    sweep_prompts: int = 32
     strengths: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     lams: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     concepts: int = 20
@@ -33,7 +34,8 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(alphas=(0.0, 1.0), strengths=(0.0, 1.0), lams=(0.0, 1.0), concepts=4, lid_k=12, series=False)
+QUICK = Settings(alphas=(0.0, 1.0), sweep_prompts=8, strengths=(0.0, 1.0), lams=(0.0, 1.0), concepts=4, lid_k=12,
+                 series=False)
 
 
 def settings(ctx: Context) -> Settings:
@@ -78,7 +80,8 @@ def tuco_section(ctx: Context) -> Section:
         ctx.step(f"{label}: decomposition on {', '.join(ctx.sets)}")
         results = [tuco.measure(pair, ps.prompts, label=name) for name, ps in ctx.sets.items()]
         ctx.step(f"{label}: alpha sweep")
-        sweep = tuco.alpha_sweep(pair, target.prompts, target.answers, alphas=s.alphas)
+        n = s.sweep_prompts
+        sweep = tuco.alpha_sweep(pair, target.prompts[:n], target.answers and target.answers[:n], alphas=s.alphas)
         tuco.write(results, sweep, ctx.out / label)
     (ctx.out / "models.json").write_text(json.dumps(list(ctx.tuned)))
     _tuco_models(ctx.out)
@@ -95,8 +98,8 @@ def tuco_section(ctx: Context) -> Section:
                    tables={"mean TuCo (last token) per model and prompt set": ctx.rel(ctx.out / "tuco_models.csv"),
                            **{f"{m}: component norms per layer": ctx.rel(ctx.out / m / "tuco_layers.csv")
                               for m in ctx.tuned}},
-                   steering=f"The fine-tuning component scaled by alpha on the {target_label} prompts (alpha 0 is "
-                            f"the base model, 1 the tuned model). {steer}.",
+                   steering=f"The fine-tuning component scaled by alpha on {s.sweep_prompts} {target_label} prompts "
+                            f"(alpha 0 is the base model, 1 the tuned model). {steer}.",
                    notes="TuCo = ||sum FTC|| / (||sum PTC|| + ||sum FTC||) at each prompt's last token: the share of "
                          "the tuned model's residual update that fine-tuning contributes.",
                    redraw=[("analyses.report_sections:redraw_tuco", ctx.rel(ctx.out))])
@@ -174,7 +177,8 @@ def intruders_section(ctx: Context) -> Section:
         steer = (f"Intruder singular values of {steered} ({sweep['n_intruders']} intruders) scaled by lambda: "
                  + ", ".join(f"lambda {lam:g}: {target_label} accuracy {acc:.2f}, {other_label} loss {loss:.3f}"
                              for lam, acc, loss in zip(sweep["lam"], sweep["target_accuracy"], sweep["pretrain_loss"]))
-                 + f" (base: accuracy {sweep['base']['target_accuracy']:.2f}, loss {sweep['base']['pretrain_loss']:.3f}).")
+                 + f" (base: accuracy {sweep['base']['target_accuracy']:.2f}, "
+                   f"loss {sweep['base']['pretrain_loss']:.3f}).")
     names = ["intruder_counts"] + [f"intruder_{kind}_{r.label}" for r in results if r.names
                                    for kind in ("layers", "spectra")]
     names += ["intruder_lambda"] * (sweep is not None) + ["intruder_series"] * bool(series)

@@ -244,7 +244,8 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em aut
 h1{font-size:1.5em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px 10px} .card h3{margin:0 0 4px;font-size:1em}
-.card img{width:100%;max-height:240px;object-fit:contain} .err{color:#b00020} pre{white-space:pre-wrap;background:#fff4f4;padding:8px}
+.card img{width:100%;max-height:240px;object-fit:contain} .err{color:#b00020}
+pre{white-space:pre-wrap;background:#fff4f4;padding:8px}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{padding:1px 8px;border-bottom:1px solid #eee;
 text-align:left} .figs img{width:48%;min-width:320px;vertical-align:top} .muted{color:#666;font-size:.9em}
 .scroll{overflow-x:auto}"""
