@@ -544,7 +544,7 @@ def steering_curve(pair: Pair, train: Sequence[str], test: Sequence[str], *, mod
     layer = min(kls, key=kls.get)
     vector, centroids = steering_vectors(results["final" if layer == "final" else "resid_post"], layer, mode)
     sweep = strength_sweep(pair.base, pair.tuned, test, vector, layer, strengths, positions=positions,
-                           held_out=held_out, label=f"{mode} shift, {positions}", centroids=centroids)
+                           held_out=held_out, label=f"{mode} shift ({positions})", centroids=centroids)
     start = float(next_token_kl(pair.base, pair.tuned, train).mean())
     return sweep | {"mode": mode, "layer_kl": {str(key): v for key, v in kls.items()},
                     "layer_closure": {str(key): 1 - v / start for key, v in kls.items()}}
