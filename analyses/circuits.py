@@ -166,7 +166,8 @@ def measure(pair: Pair, *, pairs: PromptPairs | None = None, target_pairs: Promp
     target = target or zoo_task(TARGET_SKILL)
     tensors: dict[str, Tensor] = {}
     meta: dict = {"base": pair.base.name, "tuned": pair.tuned.name, "skill": skill, "metric": metric, "gaps": {}}
-    reusing = reuse is not None and reuse.meta["base"] == pair.base.name and reuse.meta["skill"] == skill
+    reusing = (reuse is not None and reuse.meta["base"] == pair.base.name and reuse.meta["skill"] == skill
+               and (reuse.method == "patching") == patching)
     if reusing:
         tensors.update({k: v for k, v in reuse.tensors.items() if k.endswith(".base") or k == "edges"})
         meta["gaps"].update({k: v for k, v in reuse.meta["gaps"].items() if k.endswith(".base")})

@@ -7,7 +7,7 @@ import torch
 import interp
 from analyses import circuit_edges as ce
 from analyses import circuit_patching as cp
-from analyses import circuits, cmap, head_detectors, lofit
+from analyses import circuit_plots, circuits, cmap, head_detectors, lofit
 from interp.errors import BadPrompts
 from interp.sites import Site
 
@@ -244,6 +244,13 @@ def test_measure_saves_loads_and_redraws(planted, pairs, tmp_path):
         if key.endswith(".tuned") or key.endswith(".base") or key == "edges":
             assert torch.allclose(again.tensors[key], value, atol=1e-5), key
     assert again.meta["ablation"] == result.meta["ablation"]
+    fast = circuits.measure(planted, pairs=pairs, target_pairs=pairs, task=task, target=task, cmap=False,
+                            ablation=False, patching=False, ig_steps=1, circuit_sizes=(3,))
+    assert fast.method == "attribution" and "patching.skill.base" not in fast.tensors
+    assert torch.allclose(fast.tensors["attribution.skill.tuned"], result.tensors["attribution.skill.tuned"], atol=1e-5)
+    assert len(fast.emergent(2)) == 2
+    names = {p.name for p in circuit_plots.save_figures(fast, tmp_path / "fast")}
+    assert "heads_target.png" in names and "attribution_vs_patching.png" not in names
 
 
 def test_cli_is_registered_and_needs_pairs_outside_the_zoo(model_dirs, tmp_path, capsys):
