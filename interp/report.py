@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from interp.errors import BadPrompts, ResultNotFound
-from interp.models import Model, Pair
+from interp.models import Model, Pair, check_compatible, load_model
 
 SECTIONS = {
     "tuco": "TuCo: fine-tuning component of the forward pass",
@@ -156,8 +156,6 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
                quick: bool = False, only: list[str] | None = None, device: str = "auto", dtype: str = "float32",
                backend: str = "bridge") -> Path:
     """Run every analysis (or `only` these) and write DIR/index.html and DIR/summary.json; returns index.html."""
-    from interp.models import load_model
-
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -176,8 +174,6 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
     base_model = load_model(base, **kw)
     labels = _unique([label_of(t) for t in tuned])
     models = {label: load_model(spec, base=base, **kw) for label, spec in zip(labels, tuned)}
-    from interp.models import check_compatible
-
     for model in models.values():
         check_compatible(base_model, model)
     summary = {"base": str(base), "tuned": dict(zip(labels, map(str, tuned))), "quick": quick,
