@@ -57,6 +57,7 @@ class SmolConfig:
     full_lr: float = 1e-4
     lora_steps: int = 150
     lora_lr: float = 1e-2  # high: the updates reach the base's top singular values (DESIGN.md's calibration)
+    lora_lr_r64: float = 3e-3  # r=64 diverged at 1e-2 (task 0%, prose loss 13)
     lora_alpha: float = 1.0  # rsLoRA: delta W = (alpha / sqrt(r)) B A
     series_every: int = 25
     eval_n: int = 120
@@ -188,9 +189,10 @@ def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info:
         if series and (step % config.series_every == 0 or step == config.lora_steps):
             checkpoints[step] = copy.deepcopy(get_peft_model_state_dict(model))
 
-    seconds = train(model, _batches(tokenizer, rng, config.batch), config.lora_steps, config.lora_lr, config.warmup,
-                    name, progress, on_step, pad_id=PAD_ID)
-    meta = info | {"name": name, "kind": "lora", "rank": rank, "steps": config.lora_steps, "base": "zoo:smol",
+    lr = config.lora_lr_r64 if rank == 64 else config.lora_lr
+    seconds = train(model, _batches(tokenizer, rng, config.batch), config.lora_steps, lr, config.warmup, name,
+                    progress, on_step, pad_id=PAD_ID)
+    meta = info | {"name": name, "kind": "lora", "rank": rank, "steps": config.lora_steps, "lr": lr, "base": "zoo:smol",
                    "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)
     if adapter:
         _write(name, lambda folder: _save(model, tokenizer, folder, meta))
