@@ -267,7 +267,7 @@ def report_section(ctx):
         faith = result.meta["edges"]["faithfulness"]
         headline[f"faithfulness of the top-{max(map(int, faith))}-edge circuit"] = round(faith[max(faith, key=int)], 3)
         emergent = result.emergent(1)[0]
-        headline[f"top emergent head, {label}"] = f"{emergent['layer']}.{emergent['head']}"
+        headline[f"top emergent head, {label}"] = f"L{emergent['layer']}H{emergent['head']}"
         figures += [ctx.rel(ctx.out / label / "figures" / f"{name}.png") for name in ("heads_target", "cmap")]
         redraw_calls.append(("analyses.circuits:redraw", ctx.rel(ctx.out / label)))
     first = next(iter(ctx.tuned))
