@@ -35,7 +35,7 @@ from analyses.intruder_math import EPSILON, EPSILONS, K, MatrixReport, intruder_
 from analyses.lora_weights import analysis_matrices, layer_index, lora_factors, matrix_kind, paired_matrices
 from interp.errors import BadPrompts, IncompatibleModels, UnsupportedAdapter, ZooModelNotBuilt
 from interp.models import (CheckpointSeries, Model, Pair, ZOO_PREFIX, check_compatible, load_model, load_series,
-                           resolve_device, resolve_dtype)
+                           model_label, resolve_device, resolve_dtype, unique_labels)
 from interp.plotting import PALETTE, figure, model_color, save_figure
 from interp.results import load_result, save_result
 
@@ -285,13 +285,6 @@ class IntruderResult:
                    **{name: tensors[name] for name in cls.TENSORS})
 
 
-def _label(spec) -> str:
-    if isinstance(spec, Model):
-        spec = spec.name
-    spec = str(spec)
-    return spec.removeprefix(ZOO_PREFIX) if spec.startswith(ZOO_PREFIX) else (Path(spec).name or spec)
-
-
 def measure(base, tuned=None, *, k: int = K, epsilon: float = EPSILON, epsilons: Sequence[float] = EPSILONS,
             dtype: torch.dtype | str = torch.float32, device: str | torch.device = "auto", embeddings: bool = False,
             label: str | None = None, model_dtype: str | torch.dtype = "float32",
@@ -312,9 +305,9 @@ def measure(base, tuned=None, *, k: int = K, epsilon: float = EPSILON, epsilons:
             yield name, W0, Wt
 
     reports = list(tqdm(iter_reports(matrices(), k=k, epsilon=epsilon, epsilons=epsilons, dtype=dtype),
-                        desc=f"intruders {_label(tuned_name)}", unit="matrix", disable=not progress, leave=False))
+                        desc=f"intruders {model_label(tuned_name)}", unit="matrix", disable=not progress, leave=False))
     return IntruderResult.from_reports(reports, base=base_model.name, tuned=tuned_name,
-                                       label=label or _label(tuned_name), k=k, epsilon=epsilon, epsilons=epsilons,
+                                       label=label or model_label(tuned_name), k=k, epsilon=epsilon, epsilons=epsilons,
                                        shapes=shapes)
 
 
@@ -495,7 +488,7 @@ def plot_lambda(sweep: dict, ax=None):
     """Target accuracy against pre-training loss as the intruders are scaled by lambda; the base model as a star."""
     if ax is None:
         ax = figure()[1][0, 0]
-    label = _label(sweep["tuned"])
+    label = model_label(sweep["tuned"])
     ax.plot(sweep["pretrain_loss"], sweep["target_accuracy"], marker="o", color=model_color(label), label=label)
     for lam, x, y in zip(sweep["lam"], sweep["pretrain_loss"], sweep["target_accuracy"]):
         ax.annotate(f"{lam:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
@@ -632,7 +625,7 @@ def run_cli(args) -> None:
     base = load_model(args.base, device=args.device, dtype=args.dtype, backend=args.backend)
     kw = dict(k=args.k, epsilon=args.epsilon, epsilons=args.epsilons, dtype=args.svd_dtype, device=args.device,
               embeddings=args.embeddings, model_dtype=args.dtype)
-    labels = _unique([_label(t) for t in tuned])
+    labels = unique_labels([model_label(t) for t in tuned])
     results = [measure(base, t, label=label, **kw) for t, label in zip(tuned, labels)]
     series = measure_series(base, series_spec, **kw) if series_spec else None
     sweep = None
@@ -648,15 +641,6 @@ def run_cli(args) -> None:
     print(f"intruders written to {args.out}: " + ", ".join(
         f"{r.label} {int(r.count(eps).sum())} at eps {eps:g} (max ||dW||/s1 {float(r.ratio(1).max()):.2f})"
         if r.names else f"{r.label} unchanged" for r in results))
-
-
-def _unique(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
-    return out
 
 
 def _most_intruders(tuned: Sequence[str], results: Sequence[IntruderResult]) -> str | None:

@@ -24,6 +24,22 @@ from interp.errors import CorruptWeights, IncompatibleModels, ModelNotFound, Uns
 ZOO_PREFIX = "zoo:"
 
 
+def model_label(spec: str | Path | Model) -> str:
+    """Short label for tables and colours: zoo names without the prefix, folders by their last part."""
+    spec = str(spec.name if isinstance(spec, Model) else spec).rstrip("/")
+    return spec.removeprefix(ZOO_PREFIX) if spec.startswith(ZOO_PREFIX) else (Path(spec).name or spec)
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """`labels` with repeats numbered: ["full", "full"] -> ["full", "full-2"]."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return out
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
     if str(device) == "auto":

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from interp.errors import BadPrompts, ResultNotFound
-from interp.models import Model, Pair, check_compatible, load_model
+from interp.models import Model, Pair, check_compatible, load_model, model_label, unique_labels
 
 SECTIONS = {
     "tuco": "TuCo: fine-tuning component of the forward pass",
@@ -114,12 +114,6 @@ def builder(name: str) -> Callable[[Context], Section] | None:
     return BUILDERS.get(name)
 
 
-def label_of(spec: str) -> str:
-    """Short model label for tables and colours: zoo names without the prefix, folders by their last part."""
-    spec = str(spec).rstrip("/")
-    return spec.removeprefix("zoo:") if spec.startswith("zoo:") else Path(spec).name or spec
-
-
 def _read_set(path: Path) -> PromptSet:
     """A prompt file; .jsonl lines with an "answer" on every line carry answers."""
     from interp.prompts import read_prompts
@@ -172,7 +166,7 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
     step(f"loading {base} and {', '.join(map(str, tuned))}")
     kw = dict(device=device, dtype=dtype, backend=backend)
     base_model = load_model(base, **kw)
-    labels = _unique([label_of(t) for t in tuned])
+    labels = unique_labels([model_label(t) for t in tuned])
     models = {label: load_model(spec, base=base, **kw) for label, spec in zip(labels, tuned)}
     for model in models.values():
         check_compatible(base_model, model)
@@ -204,15 +198,6 @@ def _run_section(name: str, ctx: Context) -> Section:
         section = Section(name, SECTIONS[name], error=f"{type(e).__name__}: {e}")
     section.seconds = round(time.perf_counter() - t0, 1)
     return section
-
-
-def _unique(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ figures
