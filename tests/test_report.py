@@ -82,10 +82,11 @@ def test_figures_of_a_folder_without_a_report_exit_2(tmp_path, capsys):
 
 
 def test_sections_find_their_builders():
-    from analyses import report_sections
+    from analyses import circuits, report_sections
 
     for name in ("tuco", "intruders", "shift", "lid"):
         assert report.builder(name) is report_sections.BUILDERS[name]
+    assert report.builder("circuits") is circuits.report_section
     assert report.builder("no-such-analysis") is None
 
 
@@ -125,11 +126,9 @@ def test_quick_zoo_report_has_every_section_and_its_files(quick_report):
     summary = json.loads((quick_report / "summary.json").read_text())
     sections = {s["name"]: s for s in summary["sections"]}
     assert list(sections)[:2] == ["tuco", "broken"] and sections["broken"]["error"].startswith("RuntimeError")
-    for name in ("tuco", "intruders", "shift", "lid"):
+    for name in ("tuco", "circuits", "intruders", "shift", "lid"):
         s = sections[name]
         assert s["error"] is None and s["figures"] and s["tables"] and s["steering"] and s["headline"], name
-    if sections["circuits"]["error"] is not None:
-        assert sections["circuits"]["error"].startswith("not available")
     _assert_static(quick_report)
     # headline numbers are the saved results' numbers
     for label in ("lora-r8",):
