@@ -285,6 +285,19 @@ class IntruderResult:
                    **{name: tensors[name] for name in cls.TENSORS})
 
 
+def counts_table(results: dict[str, IntruderResult]) -> str:
+    """Text table: per model, intruders over all matrices at each epsilon of the sweep, and ||delta W||_2 over the
+    base's s1 (max, median) and s10 (max)."""
+    width = max(map(len, results), default=5) + 2
+    eps = next(iter(results.values())).epsilons.tolist() if results else []
+    lines = [f"{'model':<{width}}" + "".join(f"{e:>6.1f}" for e in eps) + "   ||dW||2/s1 max  median   ||dW||2/s10 max"]
+    for name, r in results.items():
+        ratio1, ratio10 = r.ratio(1), r.ratio(10)
+        lines.append(f"{name:<{width}}" + "".join(f"{int(c):>6d}" for c in r.totals()) +
+                     f"   {float(ratio1.max()):>14.3f}  {float(ratio1.median()):>6.3f}   {float(ratio10.max()):>15.3f}")
+    return "\n".join(lines)
+
+
 def measure(base, tuned=None, *, k: int = K, epsilon: float = EPSILON, epsilons: Sequence[float] = EPSILONS,
             dtype: torch.dtype | str = torch.float32, device: str | torch.device = "auto", embeddings: bool = False,
             label: str | None = None, model_dtype: str | torch.dtype = "float32",

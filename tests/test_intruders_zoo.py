@@ -32,13 +32,8 @@ def results(zoo_built):
 
 def test_intruder_counts_full_vs_lora(results):
     base, res = results
-    eps = res["full"].epsilons.tolist()
     print(f"\nintruders among the top k=10 over all {len(res['lora-r8'].names)} attention/MLP matrices of zoo:base")
-    print(f"{'model':<10}" + "".join(f"{e:>6.1f}" for e in eps) + "   ||dW||2/s1 max  median   ||dW||2/s10 max")
-    for name, r in res.items():
-        ratio1, ratio10 = r.ratio(1), r.ratio(10)
-        print(f"{name:<10}" + "".join(f"{int(c):>6d}" for c in r.totals()) +
-              f"   {float(ratio1.max()):>14.3f}  {float(ratio1.median()):>6.3f}   {float(ratio10.max()):>15.3f}")
+    print(intruders.counts_table(res))
     for name, r in res.items():
         kinds = r.to_frame().groupby("kind").intruders.sum().to_dict()
         print(f"{name:<10} at eps 0.5 by kind: {kinds}; intruder energy (mean over matrices) "

@@ -42,13 +42,8 @@ def base(smol_zoo):
 
 def test_intruders_full_vs_lora_ranks(base):
     res = {name: intruders.measure(base, f"zoo:{name}", progress=False) for name in TUNED}
-    eps = res["smol-full"].epsilons.tolist()
     print(f"\nintruders among the top k=10 of the {len(res['smol-full'].names)} changed matrices of zoo:smol")
-    print(f"{'model':<14}" + "".join(f"{e:>6.1f}" for e in eps) + "   ||dW||2/s1 max  median   ||dW||2/s10 max")
-    for name, r in res.items():
-        ratio1, ratio10 = r.ratio(1), r.ratio(10)
-        print(f"{name:<14}" + "".join(f"{int(c):>6d}" for c in r.totals()) +
-              f"   {float(ratio1.max()):>14.3f}  {float(ratio1.median()):>6.3f}   {float(ratio10.max()):>15.3f}")
+    print(intruders.counts_table(res))
     for name, r in res.items():
         kinds = r.to_frame().groupby("kind").intruders.sum().to_dict()
         print(f"{name:<14} at eps 0.5 by kind: {kinds}; delta effective rank median {float(r.delta_erank.median()):.1f}")
