@@ -157,11 +157,17 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
     def step(msg: str) -> None:
         print(f"[report {time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    if any(str(s).startswith("zoo:") for s in (base, *tuned)):
+    named = [str(s).removeprefix("zoo:") for s in (base, *tuned) if str(s).startswith("zoo:")]
+    if named:
         from interp import zoo
 
         step("zoo: building (or reusing) the zoo models")
-        zoo.build(progress=True)
+        if any(name in zoo.MODEL_NAMES for name in named):
+            zoo.build(progress=True)
+        if real := [name for name in named if name in zoo.REAL_NAMES]:
+            from interp.zoo import smol
+
+            smol.build_real(names=real, progress=True)
     sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 64))
     step(f"loading {base} and {', '.join(map(str, tuned))}")
     kw = dict(device=device, dtype=dtype, backend=backend)

@@ -76,6 +76,23 @@ def test_a_failed_section_is_reported_and_the_others_still_run(model_dirs, tmp_p
     assert _redraw_good.calls == 2 and (out / "index.html").read_bytes() == before
 
 
+def test_only_the_zoo_a_report_names_is_built(tmp_path, monkeypatch):
+    """A real-zoo pair builds the real zoo's named models, not the tiny zoo; a tiny-zoo pair the tiny zoo only."""
+    from interp import zoo
+    from interp.zoo import smol
+
+    calls = []
+    monkeypatch.setattr(zoo, "build", lambda **kw: calls.append(("tiny", kw.get("names"))))
+    monkeypatch.setattr(smol, "build_real", lambda **kw: calls.append(("real", kw.get("names"))))
+    monkeypatch.setattr(report, "prompt_sets", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"], [("real", ["smol", "smol-lora-r8"])]),
+                                  ("zoo:base", ["zoo:full"], [("tiny", None)])):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            report.run_report(tmp_path / "r", base=base, tuned=tuned)
+        assert calls == expected
+
+
 def test_figures_of_a_folder_without_a_report_exit_2(tmp_path, capsys):
     assert main(["figures", str(tmp_path)]) == 2
     assert "summary.json missing" in capsys.readouterr().err
