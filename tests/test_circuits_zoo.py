@@ -102,3 +102,10 @@ def test_lofit_on_the_target_skill(pair):
           f"{summary['base_accuracy']:.3f} (base) -> {summary['lofit_accuracy']:.3f}")
     assert summary["k"] <= 0.1 * summary["n_heads"]
     assert torch.isfinite(fitted.offsets).all() and summary["lofit_accuracy"] >= summary["base_accuracy"] - 0.01
+    # control beyond the 10% cap: can constant per-head offsets do the target skill with more heads?
+    for k in (4, summary["n_heads"]):
+        more = lofit.train(base, [e.prompt for e in train], [e.answer for e in train], k=k, steps=(40, 100), l1=0.05,
+                           lr=(0.05, 0.05))
+        control = circuits.lofit_summary(base, more, [e.prompt for e in test], [e.answer for e in test])
+        print(f"control, LoFiT on {k} heads: {control['base_accuracy']:.3f} (base) -> {control['lofit_accuracy']:.3f}")
+        assert torch.isfinite(more.offsets).all() and control["lofit_accuracy"] >= control["base_accuracy"] - 0.01
