@@ -12,6 +12,16 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 VOCAB = 96
 CONTEXT = 32
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); run on a GPU machine: pytest -m gpu tests/test_gpu.py")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 REAL_ZOO_OPT_IN = "INTERP_REAL_ZOO"  # tests that build or use the real zoo (SmolLM2) run only when this is "1"
 
 
