@@ -157,9 +157,9 @@ def intruders_section(ctx: Context) -> Section:
         ctx.step(f"{label}: spectra and similarities")
         results.append(intruders.measure(ctx.base, spec, label=label, **kw))
     series = None
-    if s.series and ctx.base.name.startswith("zoo:"):
-        ctx.step("checkpoint series (zoo:series)")
-        series = intruders.measure_series(ctx.base, "zoo:series", **kw)
+    if s.series and ctx.series:
+        ctx.step(f"checkpoint series ({ctx.series})")
+        series = intruders.measure_series(ctx.base, ctx.series, **kw)
     counts = {r.label: int(r.count().sum()) for r in results}
     steered = max(counts, key=counts.get)
     (target_label, target), (other_label, other) = _two_sets(ctx)
@@ -273,6 +273,7 @@ def _shift_models(folder: Path) -> list[Path]:
 
 def lid_section(ctx: Context) -> Section:
     from analyses import lid
+    from interp.models import load_series
 
     s = settings(ctx)
     models = {"base": ctx.base, **ctx.tuned}
@@ -281,10 +282,18 @@ def lid_section(ctx: Context) -> Section:
     for name, ps in ctx.sets.items():
         ctx.step(f"point clouds and local ID on {name} ({len(models)} models, same tokens)")
         results.append(lid.measure(models, ps.prompts, layers, k=s.lid_k, label=name))
+    series = None
+    target_label, target = ctx.target
+    if s.series and ctx.series:
+        ctx.step(f"checkpoint series ({ctx.series}) on {target_label}")
+        task = (target.prompts, target.answers) if target.answers is not None else None
+        sites = [len(layers) // 2, len(layers) - 1]
+        series = lid.measure_series(ctx.base, load_series(ctx.series), target.prompts, sites, k=s.lid_k, task=task,
+                                    task_name=target_label, label=target_label)
     steered_label = next(iter(ctx.tuned))
     ctx.step(f"on-manifold steering of the base toward {steered_label}")
     steering = _lid_steering(ctx, steered_label, s)
-    lid.write(results, None, steering, ctx.out)
+    lid.write(results, series, steering, ctx.out)
     last = results[0].sites[-1]
     headline = {f"mean LID {m} ({results[0].label}, {last})": results[0].mean(m, last) for m in results[0].models}
     table = steering.to_frame()
@@ -292,10 +301,16 @@ def lid_section(ctx: Context) -> Section:
     steer = "; ".join(f"{r.method}: scale {r.scale:.3g} for KL {r.effect:.3f}, distance to the base cloud "
                       f"{r.nn_distance:.2f}, LID {r.lid:.2f}" for r in rows.itertuples())
     base_row = table[(table.site == steering.site) & (table.method == "none")].iloc[0]
-    return Section("lid", "Local intrinsic dimension", headline,
-                   _figures(ctx, ctx.out / "figures", ["lid_layers", "lid_distribution", "lid_steering"]),
-                   {"LID per model, layer and prompt set": ctx.rel(ctx.out / "lid.csv"),
-                    "steering": ctx.rel(ctx.out / "lid_steering.csv")},
+    tables = {"LID per model, layer and prompt set": ctx.rel(ctx.out / "lid.csv"),
+              "steering": ctx.rel(ctx.out / "lid_steering.csv")}
+    if series is not None:
+        tables[f"along the checkpoint series ({ctx.series}), with {target_label} accuracy"] = ctx.rel(
+            ctx.out / "lid_series.csv")
+        headline |= {f"mean LID step {step} ({series.sites[-1]}), {target_label} accuracy {float(acc):.2f}":
+                     float(series.mean[i, -1]) for i, (step, acc) in enumerate(zip(series.steps, series.accuracy))
+                     if i in (0, len(series.steps) - 1)}
+    names = ["lid_layers", "lid_distribution", "lid_steering"] + ["lid_series"] * (series is not None)
+    return Section("lid", "Local intrinsic dimension", headline, _figures(ctx, ctx.out / "figures", names), tables,
                    steering=f"The base steered at {steering.site} with the mean shift toward {steered_label}, raw "
                             f"and projected onto the local tangent space of the base's cloud, each scaled to the same "
                             f"KL: {steer} (unsteered: distance {base_row.nn_distance:.2f}, LID {base_row.lid:.2f}).",

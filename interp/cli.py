@@ -28,31 +28,27 @@ def add_pair_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def prompts_from_args(args, model_spec: str) -> list[str]:
-    """The --prompts file, or on zoo models the zoo's target-skill test prompts."""
+    """The --prompts file, or on zoo models the zoo's target-task test prompts (`interp.zoo.default_prompts`)."""
     from interp.prompts import read_prompts
 
     if args.prompts is not None:
         return read_prompts(args.prompts)
     if not str(model_spec).startswith("zoo:"):
         raise BadPrompts(f"--prompts is required for {model_spec} (zoo models default to the zoo's own prompts)")
-    from interp import zoo
+    from interp.zoo import default_prompts
 
-    return [e.prompt for e in zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")]
+    return next(iter(default_prompts(model_spec, args.n_prompts).values()))[0]
 
 
 def prompt_sets(args) -> dict[str, tuple[list[str], list[str] | None]]:
     """label -> (prompts, answers or None) from --prompts and --prompts-b; on zoo models without prompt files,
-    the target skill's prompts (with answers) and the pre-training skills' prompts."""
+    the zoo's target task (with answers) and its comparison set (`interp.zoo.default_prompts`)."""
     from interp.prompts import read_prompts
 
     if args.prompts is None and str(args.tuned).startswith("zoo:") and args.prompts_b is None:
-        from interp import zoo
+        from interp.zoo import default_prompts
 
-        target = zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")
-        mixed = [e for skill in zoo.SKILLS for e in zoo.task_prompts(skill, args.n_prompts // len(zoo.SKILLS),
-                                                                      split="test")]
-        return {zoo.TARGET_SKILL: ([e.prompt for e in target], [e.answer for e in target]),
-                "pre-training": ([e.prompt for e in mixed], None)}
+        return default_prompts(args.tuned, args.n_prompts)
     sets = {Path(args.prompts).stem if args.prompts else "prompts": (prompts_from_args(args, args.tuned), None)}
     if args.prompts_b is not None:
         sets[Path(args.prompts_b).stem] = (read_prompts(args.prompts_b), None)

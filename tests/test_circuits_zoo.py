@@ -103,9 +103,29 @@ def test_lofit_on_the_target_skill(pair):
     assert summary["k"] <= 0.1 * summary["n_heads"]
     assert torch.isfinite(fitted.offsets).all() and summary["lofit_accuracy"] >= summary["base_accuracy"] - 0.01
     # control beyond the 10% cap: can constant per-head offsets do the target skill with more heads?
-    for k in (4, summary["n_heads"]):
-        more = lofit.train(base, [e.prompt for e in train], [e.answer for e in train], k=k, steps=(40, 100), l1=0.05,
+    for k, steps in ((4, (40, 100)), (summary["n_heads"], (40, 400))):
+        more = lofit.train(base, [e.prompt for e in train], [e.answer for e in train], k=k, steps=steps, l1=0.05,
                            lr=(0.05, 0.05))
         control = circuits.lofit_summary(base, more, [e.prompt for e in test], [e.answer for e in test])
-        print(f"control, LoFiT on {k} heads: {control['base_accuracy']:.3f} (base) -> {control['lofit_accuracy']:.3f}")
+        print(f"control, LoFiT on {k} heads, {steps[1]} offset steps: {control['base_accuracy']:.3f} (base) -> "
+              f"{control['lofit_accuracy']:.3f}")
         assert torch.isfinite(more.offsets).all() and control["lofit_accuracy"] >= control["base_accuracy"] - 0.01
+
+
+def test_lofit_finds_a_refusal_offset(pair):
+    """Known answer: the safety fine-tune's change (answer `refuse` to every add prompt) is a constant push toward
+    one token, which a per-head offset can carry. LoFiT on at most 10% of the heads must make the base refuse most
+    held-out add prompts (the base never does); the side effect on copy is printed."""
+    base = pair.base
+    train = interp.zoo.task_prompts(interp.zoo.RESTRICTED, 512, split="train")
+    test = interp.zoo.task_prompts(interp.zoo.RESTRICTED, 128, split="test")
+    refuse = [interp.zoo.REFUSAL] * len(train)
+    fitted = lofit.train(base, [e.prompt for e in train], refuse, steps=(40, 100), l1=0.05, lr=(0.05, 0.05))
+    summary = circuits.lofit_summary(base, fitted, [e.prompt for e in test], refuse[: len(test)])
+    side = interp.zoo.task_prompts("copy", 128, split="test")
+    copy = circuits.lofit_summary(base, fitted, [e.prompt for e in side], [e.answer for e in side])
+    print(f"\nLoFiT toward refusal on {summary['k']} of {summary['n_heads']} heads {summary['heads']}: held-out add "
+          f"prompts refused {summary['base_accuracy']:.3f} (base) -> {summary['lofit_accuracy']:.3f}; copy accuracy "
+          f"{copy['base_accuracy']:.3f} -> {copy['lofit_accuracy']:.3f}")
+    assert summary["k"] <= 0.1 * summary["n_heads"]
+    assert summary["base_accuracy"] == 0 and summary["lofit_accuracy"] >= 0.8

@@ -77,7 +77,8 @@ def test_a_failed_section_is_reported_and_the_others_still_run(model_dirs, tmp_p
 
 
 def test_only_the_zoo_a_report_names_is_built(tmp_path, monkeypatch):
-    """A real-zoo pair builds the real zoo's named models, not the tiny zoo; a tiny-zoo pair the tiny zoo only."""
+    """A real-zoo pair builds the real zoo's named models and its series, not the tiny zoo; a tiny-zoo pair the tiny
+    zoo only."""
     from interp import zoo
     from interp.zoo import smol
 
@@ -85,7 +86,7 @@ def test_only_the_zoo_a_report_names_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "build", lambda **kw: calls.append(("tiny", kw.get("names"))))
     monkeypatch.setattr(smol, "build_real", lambda **kw: calls.append(("real", kw.get("names"))))
     monkeypatch.setattr(report, "prompt_sets", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
-    for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"], [("real", ["smol", "smol-lora-r8"])]),
+    for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"], [("real", ["smol", "smol-lora-r8", "smol-series"])]),
                                   ("zoo:base", ["zoo:full"], [("tiny", None)])):
         calls.clear()
         with pytest.raises(RuntimeError, match="stop here"):

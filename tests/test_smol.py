@@ -2,7 +2,7 @@
 loading through every route, determinism of the build, and the error without the `real` extra.
 
 Every test but the missing-extra one needs the extra and the built real zoo (fixture `smol_zoo`, built once,
-about 10 minutes on 2 cores); they skip with the reason when the extra is absent."""
+about 15 minutes on 2 idle cores); they skip with the reason when the extra is absent."""
 
 import json
 import os

@@ -1,110 +1,115 @@
-"""Every analysis on the real pair, SmolLM2-135M-Instruct (zoo:smol) and its zorbish fine-tunes, called exactly as
-on the tiny zoo's pairs. Reported, not tuned: run with -s for the tables.
+"""The real pair, SmolLM2-135M-Instruct (zoo:smol) and its zorbish fine-tunes, through `interp report --real`: the
+analyses run exactly as on the tiny zoo's pairs, and the numbers below are the report's. Reported, not tuned: run
+with -s for the tables.
 
 - intruders (k=10, all 210 q k v o gate up down matrices) over epsilon for the full fine-tune and LoRA r=1, 8, 64,
-  with ||delta W||_2 against the base's s1 and s10, and along the checkpoint series with its accuracy;
+  and along the checkpoint series with its accuracy;
 - TuCo (last token) on held-out task prompts vs English prose, full fine-tune and every LoRA;
-- mean LID per layer (resid_post, TwoNN, k=128) for zoo:smol and its fine-tunes on task prompts and on prose, and
-  along the series next to task accuracy.
+- mean LID per layer (resid_post, TwoNN) for zoo:smol and its fine-tunes on task prompts and on prose, and along the
+  series next to task accuracy.
 Asserted: what holds whatever the training did (ranks of LoRA updates, counts in range and monotone in epsilon,
-TuCo in [0, 1], the series' first checkpoint is the base, finite LID below d_model)."""
+TuCo in [0, 1], the series' first checkpoint is the base, finite LID below d_model), and the page: the real part's
+cards on the main page, linked to its own page."""
 
 import json
 
+import pandas as pd
 import pytest
-import torch
 
-import interp
-from analyses import intruders, lid, tuco
-from interp.prompts import read_prompts
-from interp.zoo import registry, smol
+from analyses import intruders
+from interp import report
+from interp.cli import main
+from interp.zoo import registry
 from interp.zoo.smol_task import TASK
 
 pytestmark = pytest.mark.slow
-
-TUNED = ("smol-full", "smol-lora-r1", "smol-lora-r8", "smol-lora-r64")
-LAYERS = (0, 5, 10, 15, 20, 25, 29)
+D_MODEL = 576
 
 
 @pytest.fixture(scope="module")
-def prompt_sets(smol_zoo, tmp_path_factory):
-    """label -> (prompts, answers or None), from the files the CLI analyses take (`interp zoo prompts`)."""
-    files = smol.write_prompts(tmp_path_factory.mktemp("smol-prompts"), n=64)
-    records = [json.loads(line) for line in files[TASK].read_text().splitlines()]
-    return {TASK: ([r["prompt"] for r in records], [r["answer"] for r in records]),
-            "prose": (read_prompts(files["prose"]), None)}
+def out(smol_zoo, zoo_built, tmp_path_factory):
+    """`interp report --real --only tuco intruders lid` (the tiny zoo's part too, with those analyses)."""
+    folder = tmp_path_factory.mktemp("report")
+    assert main(["report", "--real", "--only", *report.REAL_SECTIONS, "--out", str(folder)]) == 0
+    return folder
 
 
 @pytest.fixture(scope="module")
-def base(smol_zoo):
-    return interp.load_model("zoo:smol")
+def real(out):
+    return out / report.REAL_PART
 
 
-def test_intruders_full_vs_lora_ranks(base):
-    res = {name: intruders.measure(base, f"zoo:{name}", progress=False) for name in TUNED}
+def test_the_main_page_carries_the_real_part(out, real):
+    summary = json.loads((out / report.SUMMARY).read_text())
+    assert summary["parts"] == [{"folder": "real", "title": "Real model: SmolLM2-135M-Instruct (zoo:smol)"}]
+    part = json.loads((real / report.SUMMARY).read_text())
+    assert part["base"] == "zoo:smol" and list(part["tuned"].values()) == list(report.REAL_TUNED)
+    assert part["series"] == "zoo:smol-series" and part["prompt_sets"] == {TASK: 64, "prose": 24}
+    assert [s["name"] for s in part["sections"]] == list(report.REAL_SECTIONS)
+    assert all(s["error"] is None for s in part["sections"]), [s["error"] for s in part["sections"]]
+    page = (out / "index.html").read_text()
+    assert 'href="real/index.html"' in page
+    for section in part["sections"]:
+        print(f"\n{section['name']}: {section['seconds']} s")
+        assert f'href="real/index.html#{section["name"]}"' in page
+        assert f'src="real/{section["figures"][0]}"' in page and (real / section["figures"][0]).is_file()
+
+
+def test_intruders_full_vs_lora_ranks(real):
+    folder = real / "intruders"
+    labels = json.loads((folder / "intruders.json").read_text())["results"]
+    res = {label: intruders.IntruderResult.load(folder / "results" / label) for label in labels}
     print(f"\nintruders among the top k=10 of the {len(res['smol-full'].names)} changed matrices of zoo:smol")
     print(intruders.counts_table(res))
     for name, r in res.items():
         kinds = r.to_frame().groupby("kind").intruders.sum().to_dict()
         print(f"{name:<14} at eps 0.5 by kind: {kinds}; delta effective rank median {float(r.delta_erank.median()):.1f}")
     for name, r in res.items():
-        assert len(r.names) == 7 * base.n_layers, name
+        assert len(r.names) == 7 * 30, name
         assert ((r.counts >= 0) & (r.counts <= r.k)).all() and (r.counts.diff(dim=1) >= 0).all(), name
-    for name in TUNED[1:]:  # a LoRA update has rank <= r: singular values past r vanish (float32 round-off)
+    for name in labels[1:]:  # a LoRA update has rank <= r: singular values past r vanish (float32 round-off)
         rank = int(name.rsplit("-r", 1)[1])
         r = res[name]
         if rank < r.delta_s.shape[1]:
             assert (r.delta_s[:, rank] <= 1e-4 * r.delta_s[:, 0]).all(), name
 
 
-def test_intruders_along_the_series(base):
+def test_intruders_along_the_series(real):
     meta = json.loads((registry.model_path("smol-series") / "zoo.json").read_text())
     accuracy = {p["step"]: p["accuracy"][TASK] for p in meta["checkpoints"]}
-    series = intruders.measure_series(base, "zoo:smol-series")
+    series = pd.read_csv(real / "intruders" / "intruder_series.csv")
     print(f"\nintruders along the {meta['of']} run (k=10): step, task accuracy, count at eps 0.3 / 0.5 / 0.7, "
-          f"max ||dW||2/s10")
-    for step, r in series:
-        counts = [int(r.count(e).sum()) if r.names else 0 for e in (0.3, 0.5, 0.7)]
-        ratio = float(r.ratio(10).max()) if r.names else 0.0
-        print(f"  step {step:>4}  {accuracy[step]:6.1%}  {counts[0]:>4} / {counts[1]:>4} / {counts[2]:>4}  {ratio:.3f}")
-    assert series[0][0] == 0 and not series[0][1].names  # step 0: B = 0, nothing changed
-    assert all(len(r.names) == 7 * base.n_layers for _, r in series[1:])
+          f"max ||dW||2/s1")
+    for step, rows in series.groupby("step"):
+        counts = [int(rows[rows.epsilon.round(2) == e].intruders.iloc[0]) for e in (0.3, 0.5, 0.7)]
+        print(f"  step {step:>4}  {accuracy[step]:6.1%}  {counts[0]:>4} / {counts[1]:>4} / {counts[2]:>4}  "
+              f"{rows.max_delta_over_base_s1.iloc[0]:.3f}")
+    assert sorted(set(series.step)) == sorted(accuracy)
+    assert (series[series.step == 0].intruders == 0).all()  # step 0: B = 0, nothing changed
 
 
-def test_tuco_on_task_prompts_vs_prose(base, prompt_sets):
-    print("\nTuCo at the last token (mean over prompts, [q25, q75])")
-    for name in TUNED:
-        pair = interp.load_pair(base, f"zoo:{name}")
-        for label, (prompts, _) in prompt_sets.items():
-            values = tuco.measure(pair, prompts, label=label, progress=False).tuco()
-            q25, q75 = values.quantile(0.25), values.quantile(0.75)
-            print(f"  {name:<14} {label:<8} {float(values.mean()):.4f}  [{float(q25):.4f}, {float(q75):.4f}]")
-            assert values.isfinite().all() and ((values >= 0) & (values <= 1)).all()
+def test_tuco_on_task_prompts_vs_prose(real):
+    frame = pd.read_csv(real / "tuco" / "tuco_models.csv")
+    print("\nTuCo at the last token, mean (std) over prompts")
+    print(frame.pivot(index="model", columns="label", values="mean").round(4).to_string())
+    assert set(frame.model) == {name.removeprefix("zoo:") for name in report.REAL_TUNED}
+    assert set(frame.label) == {TASK, "prose"}
+    assert ((frame["mean"] >= 0) & (frame["mean"] <= 1)).all()
 
 
-def test_lid_per_layer_on_task_and_prose(base, prompt_sets):
-    models = {"zoo:smol": base} | {f"zoo:{n}": interp.load_model(f"zoo:{n}") for n in TUNED}
-    print("\nmean LID (TwoNN, k=128) per layer, resid_post")
-    for label, (prompts, _) in prompt_sets.items():
-        result = lid.measure(models, prompts, list(LAYERS), label=label, progress=False)
-        n = len(result.lid["zoo:smol", result.sites[0]])
-        print(f"{label} ({n} tokens): " + "  ".join(f"{s:>14}" for s in result.sites))
-        for m in result.models:
-            print(f"  {m:<18}" + "  ".join(f"{result.mean(m, s):>14.2f}" for s in result.sites))
-        for key, values in result.lid.items():
-            assert values.isfinite().float().mean() > 0.99 and 0 < result.mean(*key) < base.d_model
-
-
-def test_lid_along_the_series_with_accuracy(base, prompt_sets):
-    prompts, answers = prompt_sets[TASK]
-    series = interp.load_series("zoo:smol-series")
-    result = lid.measure_series(base, series, prompts, list(LAYERS), task=(prompts, answers), task_name=TASK,
-                                label=TASK)
-    print(f"\nmean LID on {TASK} prompts along the series, with task accuracy (teacher-forced, mean per prompt)")
-    print(f"{'step':>6} {'accuracy':>9} " + " ".join(f"{s:>14}" for s in result.sites))
-    for i, step in enumerate(result.steps):
-        print(f"{step:>6} {float(result.accuracy[i]):>9.1%} " + " ".join(f"{float(v):>14.2f}" for v in result.mean[i]))
-    assert result.steps == series.steps and torch.isfinite(result.mean).all()
-    unchanged = lid.measure(base, prompts, list(LAYERS), label=TASK, progress=False)
-    for j, s in enumerate(result.sites):  # step 0 of a LoRA run is the base model itself
-        assert float(result.mean[0, j]) == pytest.approx(unchanged.mean("zoo:smol", s), rel=1e-4)
+def test_lid_per_layer_on_task_and_prose_and_along_the_series(real):
+    frame = pd.read_csv(real / "lid" / "lid.csv")
+    layers = ["resid_post.0", "resid_post.5", "resid_post.10", "resid_post.15", "resid_post.20", "resid_post.25",
+              "resid_post.29"]
+    print("\nmean LID (TwoNN) per layer")
+    for label, rows in frame.groupby("label", sort=False):
+        print(f"{label}:\n" + rows[rows.site.isin(layers)].pivot(index="model", columns="site", values="mean")[layers]
+              .round(2).to_string())
+    assert frame["mean"].notna().all() and ((frame["mean"] > 0) & (frame["mean"] < D_MODEL)).all()
+    series = pd.read_csv(real / "lid" / "lid_series.csv")
+    print("mean LID along the series, with task accuracy (teacher-forced, mean per prompt)")
+    print(series.pivot(index=["step", "accuracy"], columns="site", values="mean").round(2).to_string())
+    base = frame[(frame.model == "base") & (frame.label == TASK)].set_index("site")["mean"]
+    first = series[series.step == 0].set_index("site")["mean"]
+    for site, value in first.items():  # step 0 of a LoRA run is the base model itself
+        assert value == pytest.approx(base[site], rel=1e-4), site

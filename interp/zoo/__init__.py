@@ -9,6 +9,7 @@ and a `safety`-style fine-tune that refuses `add` prompts, with a prefix attack 
 
 from interp.zoo.registry import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, build, is_lora, list_models, model_path,
                                  zoo_dir)
+from interp.zoo.defaults import default_prompts
 from interp.zoo.safety import RESTRICTED, Attack, attack_prompts, attack_success, refused
 from interp.zoo.tasks import REFUSAL, SKILLS, TARGET_SKILL, Example, task_prompts
 from interp.zoo.tokenizer import build_tokenizer
@@ -17,6 +18,6 @@ from interp.zoo.train import ZooConfig, answer_accuracy, evaluate
 __all__ = [
     "MODEL_NAMES", "REAL_NAMES", "ALL_NAMES", "base_of", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example",
     "Attack", "ZooConfig",
-    "zoo_dir", "model_path", "is_lora", "build", "list_models", "task_prompts", "evaluate", "answer_accuracy",
+    "zoo_dir", "model_path", "default_prompts", "is_lora", "build", "list_models", "task_prompts", "evaluate", "answer_accuracy",
     "attack_prompts", "attack_success", "refused", "build_tokenizer",
 ]

