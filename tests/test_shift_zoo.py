@@ -86,3 +86,21 @@ def test_kmeans_concepts_are_stable_across_seeds(zoo_pair):
         assert sorted(match.tolist()) == list(range(20)) and cos.max() <= 1 + 1e-5
         if layer < pair.base.n_layers - 1:
             assert cos.mean() >= 0.9
+
+
+def test_steering_the_base_toward_the_safety_fine_tune(zoo_built):
+    """Known answer: the safety fine-tune's change on add prompts (answer `refuse`) is one push toward one token,
+    which the concept shifts at the last prompt token carry: steering the base with them at strength 1 closes most of
+    the KL gap to the safety model on held-out add prompts. The curve and the side effect on copy are printed."""
+    zoo = zoo_built
+    pair = interp.load_pair("zoo:base", "zoo:safety")
+    train = [e.prompt for e in zoo.task_prompts(zoo.RESTRICTED, 256, split="train")]
+    test = [e.prompt for e in zoo.task_prompts(zoo.RESTRICTED, 128, split="test")]
+    side = zoo.task_prompts(zoo.SKILLS[0], 64, split="test")
+    sweep = shift.steering_curve(pair, train, test, mode="concept", positions="last", strengths=[0.0, 0.5, 1.0, 1.5],
+                                 held_out=([e.prompt for e in side], [e.answer for e in side]))
+    print(f"\nbase -> safety on {zoo.RESTRICTED}, concept shifts at the last token, layer {sweep['layer']}: test "
+          f"KL {sweep['kl_unsteered']:.3f} unsteered; " + ", ".join(
+              f"strength {s:g}: {c:.1%} closed, {zoo.SKILLS[0]} {a:.3f}"
+              for s, c, a in zip(sweep["strength"], sweep["closure"], sweep["accuracy"])))
+    assert sweep["kl_unsteered"] > 1 and sweep["closure"][sweep["strength"].index(1.0)] >= 0.5
