@@ -306,9 +306,10 @@ def lid_section(ctx: Context) -> Section:
     if series is not None:
         tables[f"along the checkpoint series ({ctx.series}), with {target_label} accuracy"] = ctx.rel(
             ctx.out / "lid_series.csv")
-        headline |= {f"mean LID step {step} ({series.sites[-1]}), {target_label} accuracy {float(acc):.2f}":
-                     float(series.mean[i, -1]) for i, (step, acc) in enumerate(zip(series.steps, series.accuracy))
-                     if i in (0, len(series.steps) - 1)}
+        for i in (0, -1):  # the first and the last checkpoint
+            key = (f"mean LID step {series.steps[i]} ({series.sites[-1]}), {target_label} accuracy "
+                   f"{float(series.accuracy[i]):.2f}")
+            headline[key] = float(series.mean[i, -1])
     names = ["lid_layers", "lid_distribution", "lid_steering"] + ["lid_series"] * (series is not None)
     return Section("lid", "Local intrinsic dimension", headline, _figures(ctx, ctx.out / "figures", names), tables,
                    steering=f"The base steered at {steering.site} with the mean shift toward {steered_label}, raw "

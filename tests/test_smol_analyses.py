@@ -63,7 +63,8 @@ def test_intruders_full_vs_lora_ranks(real):
     print(intruders.counts_table(res))
     for name, r in res.items():
         kinds = r.to_frame().groupby("kind").intruders.sum().to_dict()
-        print(f"{name:<14} at eps 0.5 by kind: {kinds}; delta effective rank median {float(r.delta_erank.median()):.1f}")
+        erank = float(r.delta_erank.median())
+        print(f"{name:<14} at eps 0.5 by kind: {kinds}; delta effective rank median {erank:.1f}")
     for name, r in res.items():
         assert len(r.names) == 7 * 30, name
         assert ((r.counts >= 0) & (r.counts <= r.k)).all() and (r.counts.diff(dim=1) >= 0).all(), name

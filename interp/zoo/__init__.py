@@ -18,6 +18,7 @@ from interp.zoo.train import ZooConfig, answer_accuracy, evaluate
 __all__ = [
     "MODEL_NAMES", "REAL_NAMES", "ALL_NAMES", "base_of", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example",
     "Attack", "ZooConfig",
-    "zoo_dir", "model_path", "default_prompts", "is_lora", "build", "list_models", "task_prompts", "evaluate", "answer_accuracy",
+    "zoo_dir", "model_path", "default_prompts", "is_lora", "build", "list_models", "task_prompts", "evaluate",
+    "answer_accuracy",
     "attack_prompts", "attack_success", "refused", "build_tokenizer",
 ]

@@ -23,7 +23,8 @@ def default_prompts(spec: str, n: int) -> PromptSets:
         from interp.zoo.smol_task import TASK, prose_texts, task_examples
 
         target = task_examples(AutoTokenizer.from_pretrained(model_path("smol")), n)
-        return {TASK: ([e.prompt for e in target], [e.answer for e in target]), "prose": (list(prose_texts()[:n]), None)}
+        return {TASK: ([e.prompt for e in target], [e.answer for e in target]),
+                "prose": (list(prose_texts()[:n]), None)}
     target = task_prompts(TARGET_SKILL, n, split="test")
     mixed = [e for skill in SKILLS for e in task_prompts(skill, n // len(SKILLS), split="test")]
     return {TARGET_SKILL: ([e.prompt for e in target], [e.answer for e in target]),
