@@ -180,8 +180,8 @@ def _positions_per_prompt(positions, tokens: Tokens) -> float:
         return tokens.ids.shape[1]
     if positions == "last":
         return 1
-    if isinstance(positions, Tensor):
-        return float(positions.sum()) / len(tokens)
+    if isinstance(positions, Tensor):  # a mask may be wider than the prompts (n_ctx): count real tokens only
+        return float(positions[:, : tokens.ids.shape[1]].logical_and(tokens.mask).sum()) / len(tokens)
     return 1 if isinstance(positions, int) else len(positions)
 
 

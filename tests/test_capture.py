@@ -161,3 +161,17 @@ def test_streams_to_shards_and_resumes(loaded, prompts, tmp_path, monkeypatch):
     interp.capture(model, prompts, ["resid_post.1"], batch_size=2, memory_budget=1000, shard_dir=tmp_path,
                    progress=False)
     assert len(calls) == 3
+
+
+def test_memory_estimate_of_a_mask_counts_real_tokens_only(loaded, prompts):
+    """A position mask as wide as the context (as steering builds them) is sized by the real tokens it selects:
+    a budget just over that size captures in memory, one just under asks for a shard folder."""
+    model = loaded["gpt2"]
+    tokens = interp.tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+    mask = torch.ones(len(prompts), model.n_ctx, dtype=torch.bool)
+    n_real = int(tokens.lengths.sum())
+    size = n_real * model.d_model * 4  # float32, one resid_post site
+    acts = interp.capture(model, tokens, ["resid_post.0"], positions=mask, memory_budget=size, progress=False)
+    assert acts["resid_post.0"].shape == (n_real, model.d_model)
+    with pytest.raises(MemoryError, match="shard_dir"):
+        interp.capture(model, tokens, ["resid_post.0"], positions=mask, memory_budget=size - 1, progress=False)
