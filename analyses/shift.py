@@ -13,6 +13,8 @@ models' representations (`resid_post.l`, or `final`, the output of the final nor
                  (Hungarian): for K-means u_k + Delta_k against the tuned centroids, else |cos(u_k, v_j)|
     grounding    each concept's top-activating inputs and the tokens u_k (and Delta_k) decode to through
                  the unembedding W_U (no final norm applied)
+    stability    mean cosine of the concepts of two seeds, matched as above; `choose_k` picks the K whose
+                 least stable layer is the most stable (the paper's default is K = 20)
 
 Steering (`steer`): add a vector (a concept shift, the global shift, or `mean_difference` of two prompt
 groups) with a strength to `resid_post.l` (or `final`) of either model, at all positions by default (the
@@ -25,6 +27,8 @@ prompts and the curve from test prompts.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -35,6 +39,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from interp.capture import capture
 from interp.intervene import add, add_nearest
@@ -197,6 +202,41 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+K_CANDIDATES = (8, 12, 16, 20, 24, 32, 40)
+
+
+def stability(x: Float[Tensor, "item d"], k: int, seeds: Sequence[int] = (0, 1), method: str = "kmeans") -> float:
+    """Mean cosine of matched concepts (`match_concepts`) between the dictionaries learned with each two of
+    `seeds`, averaged over the pairs: 1 when every seed finds the same K concepts."""
+    if len(seeds) < 2:
+        raise ValueError(f"stability compares seeds; pass at least two, got {list(seeds)}")
+    vectors = [learn_concepts(x, k, method, seed=s).vectors for s in seeds]
+    pairs = list(itertools.combinations(vectors, 2))
+    return sum(float(match_concepts(a, b, signed=method == "kmeans")[1].mean()) for a, b in pairs) / len(pairs)
+
+
+def choose_k(model: Model, prompts: Sequence[str] | Tokens, candidates: Sequence[int] = K_CANDIDATES, *,
+             seeds: Sequence[int] = (0, 1, 2), layers: Sequence[int] | None = None, site: str = "resid_post",
+             positions="last", method: str = "kmeans", batch_size: int = 16, progress: bool = True
+             ) -> tuple[int, dict[int, dict[str, float]]]:
+    """K by stability (Ben-Hur et al. 2002): `stability` of `model`'s dictionaries at every layer for each
+    candidate K; the chosen K is the one whose least stable layer is the most stable (the smaller K on ties).
+    Returns (K, {K: {site: stability}})."""
+    layers = list(range(model.n_layers)) if layers is None else [int(layer) for layer in layers]
+    tokens = prompts if isinstance(prompts, Tokens) else tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+    h = representations(model, tokens, sites_for(site, layers), positions, batch_size=batch_size)
+    n_items = len(next(iter(h.values())))
+    candidates = [k for k in candidates if k <= n_items]
+    if not candidates:
+        raise ValueError(f"every candidate K exceeds the {n_items} inputs; pass smaller candidates")
+    steps = tqdm([(k, s) for k in candidates for s in h], desc="concept stability", disable=not progress,
+                 leave=False)
+    table: dict[int, dict[str, float]] = {k: {} for k in candidates}
+    for k, s in steps:
+        table[k][s] = stability(h[s], k, seeds, method)
+    return max(candidates, key=lambda k: (min(table[k].values()), -k)), table
+
+
 # ---------------------------------------------------------------------------------------------- shifts
 
 def concept_shifts(h_base: Float[Tensor, "item d"], h_tuned: Float[Tensor, "item d"], assign: Int[Tensor, " item"],
@@ -341,7 +381,8 @@ def measure(pair: Pair, prompts: Sequence[str] | Tokens, *, layers: Sequence[int
     h_base = representations(base, tokens, sites, positions, **kw)
     h_tuned = representations(tuned, tokens, sites, positions, **kw)
     w_u = base.hf.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d_model]
-    per_layer = [_one_layer(h_base[s], h_tuned[s], method, k, seed, fit_on, top, w_u, base.tokenizer) for s in sites]
+    per_layer = [_one_layer(h_base[s], h_tuned[s], method, k, seed, fit_on, top, w_u, base.tokenizer)
+                 for s in tqdm(sites, desc="concepts per layer", disable=not progress, leave=False)]
     words = {key: [p.pop(key) for p in per_layer] for key in ("top_tokens", "shift_tokens")}
     stacked = {key: torch.stack([p[key] for p in per_layer]) for key in per_layer[0]}
     token_strings = [base.tokenizer.convert_ids_to_tokens(row[:n].tolist())
@@ -547,7 +588,7 @@ def steering_curve(pair: Pair, train: Sequence[str], test: Sequence[str], *, mod
                            held_out=held_out, label=f"{mode} shift ({positions})", centroids=centroids)
     start = float(next_token_kl(pair.base, pair.tuned, train).mean())
     return sweep | {"mode": mode, "layer_kl": {str(key): v for key, v in kls.items()},
-                    "layer_closure": {str(key): 1 - v / start for key, v in kls.items()}}
+                    "layer_closure": {str(key): 1 - v / start if start > 0 else 0.0 for key, v in kls.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -653,7 +694,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--site", default="resid_post", choices=("resid_post", "final"),
                         help="representation: residual stream after each layer, or the final-norm output")
     parser.add_argument("--method", default="kmeans", choices=METHODS)
-    parser.add_argument("--k", type=int, default=20, help="number of concepts")
+    parser.add_argument("--k", type=_k_argument, default=20,
+                        help="number of concepts, or 'auto': the most stable across three seeds of "
+                             + ", ".join(map(str, K_CANDIDATES)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit-on", default="base", choices=("base", "tuned"))
     parser.add_argument("--steer", default="concept", choices=STEER_MODES,
@@ -666,12 +709,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
 
 
+def _k_argument(text: str) -> int | str:
+    if text == "auto" or text.isdigit() and int(text) >= 1:
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"--k {text!r}: pass a positive number of concepts or 'auto'")
+
+
 def run_cli(args) -> None:
     from interp.cli import prompts_from_args
     from interp.models import load_pair
 
     prompts = prompts_from_args(args, args.tuned)
     pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
+    if args.k == "auto":
+        fitted = pair.base if args.fit_on == "base" else pair.tuned
+        args.k, table = choose_k(fitted, prompts, seeds=(args.seed, args.seed + 1, args.seed + 2), layers=args.layers,
+                                 site=args.site, method=args.method)
+        _write_stability(table, args.out)
+        print(f"K = {args.k} (most stable of {', '.join(map(str, table))}: worst-layer matched cosine "
+              f"{min(table[args.k].values()):.3f})")
     result = measure(pair, prompts, layers=args.layers, site=args.site, method=args.method, k=min(args.k, len(prompts)),
                      seed=args.seed, fit_on=args.fit_on)
     train, test = prompts[::2], prompts[1::2]  # shifts, concepts and the layer / the steering curve
@@ -690,13 +746,22 @@ def run_cli(args) -> None:
 
 
 def _held_out(args) -> tuple[list[str], list[str]] | None:
-    """On zoo models: the first pre-training skill's test prompts and answers; otherwise none."""
-    if args.prompts is not None or not str(args.tuned).startswith("zoo:"):
-        return None
+    """On tiny-zoo models: the first pre-training skill's test prompts and answers; otherwise none."""
     from interp import zoo
+
+    if args.prompts is not None or not zoo.in_tiny_zoo(args.tuned):
+        return None
 
     examples = zoo.task_prompts(zoo.SKILLS[0], args.n_prompts, split="test")
     return [e.prompt for e in examples], [e.answer for e in examples]
+
+
+def _write_stability(table: dict[int, dict[str, float]], out: str | Path) -> None:
+    """`choose_k`'s table as `k_stability.csv`: one row per K, one column per site."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lines = ["k," + ",".join(next(iter(table.values())))]
+    lines += [f"{k}," + ",".join(f"{v:.4f}" for v in row.values()) for k, row in table.items()]
+    (Path(out) / "k_stability.csv").write_text("\n".join(lines) + "\n")
 
 
 def write(result: ShiftResult, sweep: dict | None, out: str | Path) -> None:

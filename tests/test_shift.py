@@ -46,6 +46,11 @@ def test_dictionaries_find_planted_clusters_and_kmeans_is_stable_across_seeds():
     match, cos = shift.match_concepts(a, b)
     assert sorted(match.tolist()) == [0, 1, 2] and cos.mean() >= 0.99
     assert shift.match_concepts(a, centres)[1].min() > 0.99
+    assert shift.stability(x, 3, seeds=(0, 1, 2)) >= 0.999  # the planted K: every seed finds the centres
+    noise = torch.randn(90, 16, generator=torch.Generator().manual_seed(1))  # no clusters: any split is arbitrary
+    assert shift.stability(noise, 3) < 0.9
+    with pytest.raises(ValueError, match="at least two"):
+        shift.stability(x, 3, seeds=(0,))
     with pytest.raises(ValueError, match="semi-nmf"):
         shift.learn_concepts(x, 3, "ica")
     with pytest.raises(ValueError, match="k=500"):
@@ -198,3 +203,30 @@ def test_cli_writes_results_tables_and_figures_that_redraw_identically(model_dir
     assert {p.name: p.read_bytes() for p in shift.redraw(out)} == before
     assert main(["shift", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--prompts",
                  str(tmp_path / "p.txt"), "--layers", "7", "--out", str(out)]) == 2
+
+
+def test_k_by_stability_finds_the_two_planted_groups_and_the_cli_takes_k_auto(model_dirs, tmp_path):
+    """The two prompt groups end in two shared tokens: at K = 2 every seed finds the same concepts (stability 1),
+    more concepts split a group in seed-dependent ways. `--k auto` writes the table and uses its K."""
+    import pandas as pd
+
+    from interp.cli import main
+
+    base = interp.load_model(model_dirs["gpt2"])
+    k, table = shift.choose_k(base, PROMPTS, (2, 4, 6, 8), progress=False)
+    assert k == 2 and min(table[2].values()) >= 0.999 and min(table[8].values()) < 0.99
+    with pytest.raises(ValueError, match="exceeds the 4 inputs"):
+        shift.choose_k(base, PROMPTS[:4], (8,), progress=False)
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    tuned = str(save_model(tmp_path / "tuned", "gpt2", seed=4))
+    argv = ["shift", "--base", model_dirs["gpt2"], "--tuned", tuned, "--prompts", str(tmp_path / "p.txt"),
+            "--layers", "1", "--strengths", "0", "1", "--steer-layer", "1", "--out", str(out)]
+    assert main([*argv, "--k", "auto"]) == 0
+    stability = pd.read_csv(out / "k_stability.csv")
+    assert list(stability.columns) == ["k", "resid_post.1"] and stability.k.tolist() == [8, 12, 16, 20, 24]
+    chosen = int(stability.k[stability["resid_post.1"].idxmax()])
+    assert pd.read_csv(out / "shift.csv").concept.nunique() == chosen
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one error line
+        main([*argv, "--k", "0"])
+    assert exit_info.value.code == 2
