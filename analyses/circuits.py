@@ -29,10 +29,11 @@ from analyses import cmap as cmap_module
 from analyses import lofit as lofit_module
 from analyses.circuit_edges import edge_attribution, faithfulness_curve
 from analyses.circuit_patching import (PromptPairs, activation_patching, attribution_patching, component_sites,
-                                       metric_values, tokenize_pairs, zoo_pairs)
+                                       metric_values, pairs_from_answers, tokenize_pairs, zoo_pairs)
 from analyses.head_detectors import DETECTORS, detector_scores, head_edits, head_means
 from interp.models import Model, Pair
 from interp.results import load_result, save_result
+from interp.zoo import in_real_zoo, in_tiny_zoo
 
 MODELS = ("base", "tuned")
 
@@ -238,13 +239,12 @@ def report_section(ctx):
     (minutes of training); `interp circuits --lofit` does."""
     from scipy.stats import spearmanr
 
-    from analyses.circuit_patching import pairs_from_answers
     from interp.report import Section
 
     n = 16 if ctx.quick else 64
     kwargs = dict(n=n, ig_steps=1 if ctx.quick else 5, circuit_sizes=(5,) if ctx.quick else (5, 10, 20, 40),
                   cmap_max_set=1 if ctx.quick else 3, patching=not ctx.quick, n_random=2 if ctx.quick else 5)
-    if not ctx.base.name.startswith("zoo:"):
+    if not in_tiny_zoo(ctx.base.name):
         (_, target), *rest = ctx.sets.items()
         skill = next((ps for _, ps in rest if ps.answers), target)
         if target.answers is None:
@@ -298,13 +298,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tuned", default="zoo:full", help="fine-tuned model: hub id, folder, PEFT adapter or zoo name")
     parser.add_argument("--pairs", type=Path, help='jsonl {"clean","corrupt","answer","wrong"} for the studied skill '
                                                    "(zoo default: copy pairs)")
-    parser.add_argument("--target-pairs", type=Path, help="jsonl pairs for the fine-tuning target (zoo default: reverse)")
-    parser.add_argument("--skill", default="copy", help="zoo skill for the default pairs")
+    parser.add_argument("--target-pairs", type=Path, help="jsonl pairs for the fine-tuning target (zoo default: reverse; "
+                                                          "real zoo: zorbish, also the studied skill)")
+    parser.add_argument("--skill", default="copy", help="tiny-zoo skill for the default pairs")
     parser.add_argument("--n-prompts", type=int, default=64, help="zoo pairs per task")
     parser.add_argument("--metric", default="logit_diff", choices=("logit_diff", "prob", "loss"))
     parser.add_argument("--ig-steps", type=int, default=5, help="EAP-IG steps (0: plain EAP)")
-    parser.add_argument("--lofit", action="store_true", help="train LoFiT offsets on the base (zoo: on reverse train "
-                        "prompts, scored on test prompts; otherwise on the target pairs' clean prompts, in-sample)")
+    parser.add_argument("--lofit", action="store_true", help="train LoFiT offsets on the base (zoo: on the target "
+                        "task's train prompts, reverse or zorbish, scored on test prompts; otherwise on the target "
+                        "pairs' clean prompts, in-sample)")
     parser.add_argument("--no-cmap", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_model_arguments(parser)
@@ -315,27 +317,44 @@ def run_cli(args) -> None:
     from interp.errors import BadPrompts
     from interp.models import load_pair
 
-    zoo = str(args.base).startswith("zoo:") and str(args.tuned).startswith("zoo:")
-    if not zoo and (args.pairs is None or args.target_pairs is None):
+    tiny = in_tiny_zoo(args.base) and in_tiny_zoo(args.tuned)
+    real = in_real_zoo(args.base) and in_real_zoo(args.tuned)
+    if not (tiny or real) and (args.pairs is None or args.target_pairs is None):
         raise BadPrompts("--pairs and --target-pairs are required for models outside the zoo")
     pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
     pairs = read_pairs(args.pairs) if args.pairs else None
     target_pairs = read_pairs(args.target_pairs) if args.target_pairs else None
     kwargs = {}
-    if not zoo:
+    if real:  # the real zoo's one task, zorbish (held-out prompts), is both the studied skill and the target
+        from interp.zoo import default_prompts
+
+        examples = next(iter(default_prompts(args.tuned, args.n_prompts).values()))
+        zorbish = pairs_from_answers(pair.base, *examples)
+        kwargs = {"task": examples, "target": examples}
+        pairs, target_pairs = pairs or zorbish, target_pairs or zorbish
+    if not (tiny or real):
         kwargs = {"task": (pairs.clean, pairs.answer), "target": (target_pairs.clean, target_pairs.answer)}
     lofit_data = None
     if args.lofit:
-        lofit_data = kwargs.get("target")
-        if lofit_data is None:
-            from interp.zoo import TARGET_SKILL, task_prompts
-
-            ex = task_prompts(TARGET_SKILL, 512, split="train")
-            lofit_data = ([e.prompt for e in ex], [e.answer for e in ex])
-    result = measure(pair, pairs=pairs, target_pairs=target_pairs, skill=args.skill, n=args.n_prompts,
+        lofit_data = lofit_examples(pair.base, args.tuned) if tiny or real else kwargs["target"]
+    skill = "zorbish" if real and args.pairs is None else args.skill
+    result = measure(pair, pairs=pairs, target_pairs=target_pairs, skill=skill, n=args.n_prompts,
                      metric=args.metric, ig_steps=args.ig_steps, cmap=not args.no_cmap, lofit=lofit_data, **kwargs)
     write(result, args.out)
     print(f"circuits written to {args.out}: " + summary(result))
+
+
+def lofit_examples(model: Model, spec: str, n: int = 512) -> tuple[list[str], list[str]]:
+    """LoFiT training data on a zoo model: `n` train-split (prompt, answer) examples of its target task."""
+    from interp.zoo import TARGET_SKILL, task_prompts
+
+    if in_real_zoo(spec):
+        from interp.zoo.smol_task import task_examples
+
+        examples = task_examples(model.tokenizer, n, split="train")
+    else:
+        examples = task_prompts(TARGET_SKILL, n, split="train")
+    return [e.prompt for e in examples], [e.answer for e in examples]
 
 
 def summary(result: CircuitsResult) -> str:

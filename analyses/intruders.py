@@ -600,18 +600,26 @@ def _read_examples(path: Path) -> tuple[list[str], list[str] | None]:
     return prompts, answers if all(isinstance(a, str) for a in answers) else None
 
 
+def zoo_fine_tunes(base: str) -> tuple[list[str], str, str]:
+    """(tuned models, checkpoint series, model to steer) of zoo base `base` (tiny or real): its full fine-tune and
+    LoRA r=1, 8, 64, its series, and LoRA r=1 (the paper's low-rank case)."""
+    from interp.zoo import in_real_zoo
+
+    prefix = f"{ZOO_PREFIX}smol-" if in_real_zoo(base) else ZOO_PREFIX
+    tuned = [prefix + t.removeprefix(ZOO_PREFIX) for t in ZOO_TUNED]
+    return tuned, f"{prefix}series", f"{prefix}lora-r1"
+
+
 def _sweep_prompts(args) -> dict | None:
     """Prompt sets of the lambda sweep from the arguments, or on zoo models the zoo's; None when there are none."""
     if args.prompts is None and args.pretrain_prompts is None:
         if not str(args.base).startswith(ZOO_PREFIX):
             return None
-        from interp import zoo
+        from interp.zoo import default_prompts
 
-        target = zoo.task_prompts(zoo.TARGET_SKILL, args.n_prompts, split="test")
-        pre = [e for skill in zoo.SKILLS for e in zoo.task_prompts(skill, args.n_prompts // len(zoo.SKILLS),
-                                                                    split="test")]
-        return {"target_prompts": [e.prompt for e in target], "target_answers": [e.answer for e in target],
-                "pretrain_prompts": [e.prompt for e in pre], "pretrain_answers": [e.answer for e in pre]}
+        (target, answers), (pretrain, pretrain_answers) = default_prompts(args.base, args.n_prompts).values()
+        return {"target_prompts": target, "target_answers": answers, "pretrain_prompts": pretrain,
+                "pretrain_answers": pretrain_answers}
     if args.prompts is None or args.pretrain_prompts is None:
         raise BadPrompts("the lambda sweep needs both --prompts (target task, .jsonl with answers) and "
                          "--pretrain-prompts; pass both or neither")
@@ -632,8 +640,8 @@ def run_cli(args) -> None:
         if not str(args.base).startswith(ZOO_PREFIX):
             raise ModelNotFound(f"pass --tuned (one or more) for base {args.base}; zoo bases default to "
                                 f"{', '.join(ZOO_TUNED)}")
-        tuned, series_spec = list(ZOO_TUNED), series_spec or "zoo:series"
-        args.steer = args.steer or "zoo:lora-r1"  # the paper's low-rank case
+        tuned, default_series, default_steer = zoo_fine_tunes(args.base)
+        series_spec, args.steer = series_spec or default_series, args.steer or default_steer
     prompts = _sweep_prompts(args)
     base = load_model(args.base, device=args.device, dtype=args.dtype, backend=args.backend)
     kw = dict(k=args.k, epsilon=args.epsilon, epsilons=args.epsilons, dtype=args.svd_dtype, device=args.device,

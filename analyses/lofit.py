@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from interp.capture import capture
 from interp.intervene import Edit, add, scale
@@ -75,11 +76,11 @@ def answer_loss(start: Tensor, penalty: Callable[[], Tensor] | None = None):
 
 
 def _fit(model, tokens: Tokens, start: Tensor, param: Tensor, make_edits: Callable[[], list[Edit]],
-         penalty, steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Adam on `param` for `steps` minibatches."""
+         penalty, steps: int, lr: float, batch_size: int, seed: int, desc: str, progress: bool) -> None:
+    """Adam on `param` for `steps` minibatches, with a progress bar named `desc`."""
     opt = torch.optim.Adam([param], lr=lr)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         rows = torch.randperm(len(tokens), generator=g)[:batch_size]
         sub = Tokens(tokens.ids[rows], tokens.lengths[rows], tokens.pad_id)
         opt.zero_grad()
@@ -90,7 +91,7 @@ def _fit(model, tokens: Tokens, start: Tensor, param: Tensor, make_edits: Callab
 
 def train(model, prompts: Sequence[str], answers: Sequence[str], *, k: int | None = None, l1: float = 1e-2,
           steps: tuple[int, int] = (100, 200), lr: tuple[float, float] = (1e-2, 1e-2), batch_size: int = 32,
-          seed: int = 0) -> LoFiT:
+          seed: int = 0, progress: bool = True) -> LoFiT:
     """Select K heads by L1-penalised scales, then train their offsets (module docstring)."""
     tokens, start = answer_tokens(model, prompts, answers)
     L, H = model.n_layers, model.n_heads
@@ -99,11 +100,11 @@ def train(model, prompts: Sequence[str], answers: Sequence[str], *, k: int | Non
     s = torch.zeros(L, H, device=device, requires_grad=True)
     _fit(model, tokens, start, s, lambda: [scale(Site("head_out", layer, h), 1 + s[layer, h])
                                            for layer in range(L) for h in range(H)],
-         lambda: l1 * s.abs().sum(), steps[0], lr[0], batch_size, seed)
+         lambda: l1 * s.abs().sum(), steps[0], lr[0], batch_size, seed, "LoFiT head scales", progress)
     chosen = s.detach().abs().flatten().topk(k).indices.tolist()
     heads = [(i // H, i % H) for i in chosen]
     offsets = torch.zeros(k, model.d_model, device=device, requires_grad=True)
     _fit(model, tokens, start, offsets, lambda: [add(Site("head_out", layer, h), offsets[i])
                                                  for i, (layer, h) in enumerate(heads)],
-         None, steps[1], lr[1], batch_size, seed + 1)
+         None, steps[1], lr[1], batch_size, seed + 1, "LoFiT offsets", progress)
     return LoFiT(heads, offsets.detach().cpu(), s.detach().cpu())

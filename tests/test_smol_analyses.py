@@ -114,3 +114,29 @@ def test_lid_per_layer_on_task_and_prose_and_along_the_series(real):
     first = series[series.step == 0].set_index("site")["mean"]
     for site, value in first.items():  # step 0 of a LoRA run is the base model itself
         assert value == pytest.approx(base[site], rel=1e-4), site
+
+
+def test_the_clis_default_to_the_real_zoos_own_task_on_real_zoo_models(smol_zoo):
+    """On zoo:smol the analyses' defaults are zorbish and the smol fine-tunes, never the tiny zoo's tasks: LoFiT
+    trains on train-split zorbish examples, circuits' default pairs are held-out zorbish prompts, intruders compares
+    the smol fine-tunes, and the shift sweep has no tiny-zoo side skill."""
+    import argparse
+
+    from analyses import circuits, shift
+    from interp import load_model
+    from interp.zoo import default_prompts
+    from interp.zoo.tasks import split_of
+    from interp.zoo.smol_task import PREFIX, dictionary
+
+    smol = load_model("zoo:smol")
+    prompts, answers = circuits.lofit_examples(smol, "zoo:smol-full", 16)
+    codes = set(dictionary(smol.tokenizer).values())
+    assert all(p.startswith(PREFIX) and split_of(p) == "train" for p in prompts)
+    assert all(set(a.split()) <= codes for a in answers)
+    held_out = next(iter(default_prompts("zoo:smol-full", 16).values()))[0]
+    assert all(p.startswith(PREFIX) and split_of(p) == "test" for p in held_out)
+    assert intruders.zoo_fine_tunes("zoo:smol") == (
+        ["zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64"], "zoo:smol-series",
+        "zoo:smol-lora-r1")
+    assert shift._held_out(argparse.Namespace(prompts=None, tuned="zoo:smol-full", n_prompts=8)) is None
+    assert shift._held_out(argparse.Namespace(prompts=None, tuned="zoo:full", n_prompts=8)) is not None

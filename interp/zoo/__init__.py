@@ -7,8 +7,8 @@ and a `safety`-style fine-tune that refuses `add` prompts, with a prefix attack 
 `zoo:smol`, and its fine-tunes: `REAL_NAMES`) is built by `interp.zoo.smol.build_real` with the `real` extra.
 """
 
-from interp.zoo.registry import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, build, is_lora, list_models, model_path,
-                                 zoo_dir)
+from interp.zoo.registry import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, build, in_real_zoo, in_tiny_zoo, is_lora,
+                                 list_models, model_path, zoo_dir)
 from interp.zoo.defaults import default_prompts
 from interp.zoo.safety import RESTRICTED, Attack, attack_prompts, attack_success, refused
 from interp.zoo.tasks import REFUSAL, SKILLS, TARGET_SKILL, Example, task_prompts
@@ -18,7 +18,8 @@ from interp.zoo.train import ZooConfig, answer_accuracy, evaluate
 __all__ = [
     "MODEL_NAMES", "REAL_NAMES", "ALL_NAMES", "base_of", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example",
     "Attack", "ZooConfig",
-    "zoo_dir", "model_path", "default_prompts", "is_lora", "build", "list_models", "task_prompts", "evaluate",
+    "zoo_dir", "model_path", "default_prompts", "in_tiny_zoo", "in_real_zoo", "is_lora", "build", "list_models",
+    "task_prompts", "evaluate",
     "answer_accuracy",
     "attack_prompts", "attack_success", "refused", "build_tokenizer",
 ]

@@ -62,6 +62,16 @@ def is_lora(name: str) -> bool:
     return name in LORA_RANKS or name in REAL_LORA_RANKS
 
 
+def in_tiny_zoo(spec: str) -> bool:
+    """Whether model spec `spec` names a tiny-zoo model (`zoo:base` and its fine-tunes, tasks in `zoo.tasks`)."""
+    return str(spec).startswith("zoo:") and str(spec).removeprefix("zoo:") in MODEL_NAMES
+
+
+def in_real_zoo(spec: str) -> bool:
+    """Whether model spec `spec` names a real-zoo model (`zoo:smol` and its fine-tunes, task in `zoo.smol_task`)."""
+    return str(spec).startswith("zoo:") and str(spec).removeprefix("zoo:") in REAL_NAMES
+
+
 def base_of(name: str) -> str:
     """The zoo name of the pre-trained model that zoo model `name` is (or was fine-tuned from)."""
     _check_name(name)
