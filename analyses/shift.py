@@ -710,8 +710,10 @@ def add_arguments(parser) -> None:
 
 
 def _k_argument(text: str) -> int | str:
-    if text == "auto" or text.isdigit() and int(text) >= 1:
-        return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
     raise argparse.ArgumentTypeError(f"--k {text!r}: pass a positive number of concepts or 'auto'")
 
 
@@ -758,10 +760,11 @@ def _held_out(args) -> tuple[list[str], list[str]] | None:
 
 def _write_stability(table: dict[int, dict[str, float]], out: str | Path) -> None:
     """`choose_k`'s table as `k_stability.csv`: one row per K, one column per site."""
+    import pandas as pd
+
     Path(out).mkdir(parents=True, exist_ok=True)
-    lines = ["k," + ",".join(next(iter(table.values())))]
-    lines += [f"{k}," + ",".join(f"{v:.4f}" for v in row.values()) for k, row in table.items()]
-    (Path(out) / "k_stability.csv").write_text("\n".join(lines) + "\n")
+    frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("k").reset_index()
+    frame.to_csv(Path(out) / "k_stability.csv", index=False, float_format="%.4f")
 
 
 def write(result: ShiftResult, sweep: dict | None, out: str | Path) -> None:

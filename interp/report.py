@@ -60,10 +60,9 @@ def zoo_defaults(base: str) -> tuple[tuple[str, ...], str | None]:
     """(tuned models, checkpoint series) a zoo base is reported with by default; ((), None) for other bases."""
     if not str(base).startswith("zoo:"):
         return (), None
-    from interp.zoo import REAL_NAMES
+    from interp.zoo import in_real_zoo
 
-    real = str(base).removeprefix("zoo:") in REAL_NAMES
-    return (REAL_TUNED, "zoo:smol-series") if real else (ZOO_TUNED, "zoo:series")
+    return (REAL_TUNED, "zoo:smol-series") if in_real_zoo(base) else (ZOO_TUNED, "zoo:series")
 
 
 @dataclass

@@ -86,7 +86,8 @@ def test_only_the_zoo_a_report_names_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "build", lambda **kw: calls.append(("tiny", kw.get("names"))))
     monkeypatch.setattr(smol, "build_real", lambda **kw: calls.append(("real", kw.get("names"))))
     monkeypatch.setattr(report, "prompt_sets", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
-    for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"], [("real", ["smol", "smol-lora-r8", "smol-series"])]),
+    for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"],
+                                   [("real", ["smol", "smol-lora-r8", "smol-series"])]),
                                   ("zoo:base", ["zoo:full"], [("tiny", None)])):
         calls.clear()
         with pytest.raises(RuntimeError, match="stop here"):

@@ -19,7 +19,6 @@ __all__ = [
     "MODEL_NAMES", "REAL_NAMES", "ALL_NAMES", "base_of", "SKILLS", "TARGET_SKILL", "REFUSAL", "RESTRICTED", "Example",
     "Attack", "ZooConfig",
     "zoo_dir", "model_path", "default_prompts", "in_tiny_zoo", "in_real_zoo", "is_lora", "build", "list_models",
-    "task_prompts", "evaluate",
-    "answer_accuracy",
+    "task_prompts", "evaluate", "answer_accuracy",
     "attack_prompts", "attack_success", "refused", "build_tokenizer",
 ]
