@@ -29,16 +29,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.capture import capture
+from interp.errors import BadOption
 from interp.intervene import blend, replace
 from interp.models import Pair
-from interp.plotting import figure, model_color, save_figure
-from interp.prompts import Tokens, tokenize
-from interp.results import load_result, save_result
+from interp.plotting import figure, integer_ticks, model_color, save_figure
+from interp.prompts import PromptSet, Tokens, as_prompt_set, as_tokens, position_index, prompt_texts
+from interp.results import Result
 from interp.sites import every_layer
 
 
 @dataclass
-class TuCoResult:
+class TuCoResult(Result):
     """Component norms per prompt, layer and token (canonical positions; pads are 0), and the totals.
 
     ptc_norm, ftc_norm   [prompt, layer, pos]  ||PTC_l||, ||FTC_l|| at each token
@@ -47,6 +48,7 @@ class TuCoResult:
     sublayer             {"ptc_attn", "ftc_attn", "ptc_mlp", "ftc_mlp"} -> [prompt, layer, pos] (optional)
     """
 
+    ANALYSIS = "tuco"
     base: str
     tuned: str
     prompts: list[str]
@@ -97,21 +99,6 @@ class TuCoResult:
         """Per-layer mean component norms at the last token."""
         return plot_layer_norms(self, ax)
 
-    def save(self, folder: str | Path) -> Path:
-        tensors = {k: getattr(self, k) for k in ("lengths", "ptc_norm", "ftc_norm", "ptc_total", "ftc_total",
-                                                   "embed_shift")}
-        tensors.update({f"sublayer.{k}": v for k, v in self.sublayer.items()})
-        return save_result(folder, tensors, {"analysis": "tuco", "base": self.base, "tuned": self.tuned,
-                                             "prompts": self.prompts, "label": self.label})
-
-    @classmethod
-    def load(cls, folder: str | Path) -> TuCoResult:
-        tensors, meta = load_result(folder)
-        sub = {k.removeprefix("sublayer."): v for k, v in tensors.items() if k.startswith("sublayer.")}
-        return cls(meta["base"], meta["tuned"], meta["prompts"], tensors["lengths"], tensors["ptc_norm"],
-                   tensors["ftc_norm"], tensors["ptc_total"], tensors["ftc_total"], tensors["embed_shift"],
-                   meta["label"], sub)
-
 
 def _ratio(ftc: Tensor, ptc: Tensor) -> Tensor:
     return ftc / (ptc + ftc).clamp_min(torch.finfo(ftc.dtype).tiny)
@@ -119,18 +106,17 @@ def _ratio(ftc: Tensor, ptc: Tensor) -> Tensor:
 
 def _at(t: Tensor, lengths: Tensor, position: int | str) -> Tensor:
     """t[prompt, pos, ...] at each prompt's `position` ("last" or a canonical index, negative from the end)."""
-    index = lengths - 1 if position == "last" else (lengths + position if position < 0 else
-                                                     torch.full_like(lengths, position))
-    return t[torch.arange(len(lengths)), index]
+    return t[torch.arange(len(lengths)), position_index(lengths, position)]
 
 
-def measure(pair: Pair, prompts: Sequence[str] | Tokens, *, sublayers: bool = False, label: str = "prompts",
-            batch_size: int = 16, chunk: int = 64, backend: str | None = None, progress: bool = True) -> TuCoResult:
-    """Decompose the tuned model's forward pass on `prompts` (see the module docstring)."""
+def measure(pair: Pair, prompts: PromptSet | Sequence[str] | Tokens, *, sublayers: bool = False,
+            label: str | None = None, batch_size: int = 16, chunk: int = 64, backend: str | None = None,
+            progress: bool = True) -> TuCoResult:
+    """Decompose the tuned model's forward pass on `prompts` (see the module docstring). `label` defaults to the
+    prompt set's."""
     base, tuned = pair.base, pair.tuned
-    tokens = prompts if isinstance(prompts, Tokens) else tokenize(tuned.tokenizer, prompts, max_length=tuned.n_ctx)
-    texts = list(prompts) if not isinstance(prompts, Tokens) else [str(r[:n].tolist()) for r, n in
-                                                                   zip(prompts.ids, prompts.lengths)]
+    tokens = as_tokens(tuned, prompts)
+    label = label or (prompts.label if isinstance(prompts, PromptSet) else "prompts")
     embeds_differ = any("emb" in name or name.endswith(("wte.weight", "wpe.weight"))
                         for name in pair.changed_parameters())
     parts = []
@@ -140,7 +126,8 @@ def measure(pair: Pair, prompts: Sequence[str] | Tokens, *, sublayers: bool = Fa
         parts.append(_measure_chunk(base, tuned, piece, sublayers, embeds_differ, batch_size, backend, progress))
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     sub = {k: joined.pop(k) for k in list(joined) if k.startswith(("ptc_attn", "ftc_attn", "ptc_mlp", "ftc_mlp"))}
-    return TuCoResult(base.name, tuned.name, texts, tokens.lengths, label=label, sublayer=sub, **joined)
+    return TuCoResult(base.name, tuned.name, prompt_texts(prompts), tokens.lengths, label=label, sublayer=sub,
+                      settings={"sublayers": sublayers}, **joined)
 
 
 def components(base, tuned, tokens: Tokens, *, batch_size: int = 16, backend: str | None = None,
@@ -203,7 +190,7 @@ def steering_edits(pair: Pair, alpha: float | Sequence[float], alpha_outside: fl
     n_layers = pair.tuned.n_layers
     per_layer = [float(alpha)] * n_layers if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
     if len(per_layer) != n_layers:
-        raise ValueError(f"alpha has {len(per_layer)} values; the model has {n_layers} layers")
+        raise BadOption(f"alpha has {len(per_layer)} values; the model has {n_layers} layers")
     outside = alpha_outside if alpha_outside is not None else (float(alpha) if isinstance(alpha, (int, float))
                                                                else 1.0)
     return ([blend(layer, pair.base, a) for layer, a in enumerate(per_layer)] +
@@ -218,24 +205,50 @@ def steer(pair: Pair, alpha: float | Sequence[float], alpha_outside: float | Non
         yield pair.tuned
 
 
-def alpha_sweep(pair: Pair, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                alphas: Sequence[float] = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), **kwargs) -> dict:
-    """Behaviour vs alpha: answer-token accuracy when `answers` are given, else the probability of the tuned
-    model's own greedy next token. Returns {"alpha": [...], "metric": name, "value": [...]}."""
+@dataclass
+class AlphaSweep(Result):
+    """Behaviour of `tuned` steered by alpha: `value[i]` is `metric` at `alpha[i]` (0 the base, 1 the tuned model)."""
+
+    ANALYSIS = "tuco"
+    tuned: str
+    alpha: list[float]
+    metric: str
+    value: list[float]
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"tuned": self.tuned, "alpha": self.alpha, "metric": self.metric, "value": self.value})
+
+    def at(self, alpha: float) -> float | None:
+        """The value at `alpha`, or None when it was not swept."""
+        return self.value[self.alpha.index(alpha)] if alpha in self.alpha else None
+
+    def plot(self, ax=None):
+        return plot_alpha_sweep(self, ax)
+
+
+def alpha_sweep(pair: Pair, prompts: PromptSet | Sequence[str],
+                alphas: Sequence[float] = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), **kwargs) -> AlphaSweep:
+    """Behaviour vs alpha: answer-token accuracy when the prompt set has answers, else the probability of the
+    tuned model's own greedy next token."""
     from interp.scoring import answer_scores
 
+    prompts = as_prompt_set(prompts)
+    texts, answers = prompts.prompts, prompts.answers
     values = []
     if answers is None:
-        target = capture(pair.tuned, prompts, [], positions="last", logits=True, progress=False)["logits"].argmax(-1)
+        target = capture(pair.tuned, texts, [], positions="last", logits=True, progress=False)["logits"].argmax(-1)
     for a in alphas:
         with steer(pair, a):
             if answers is not None:
-                values.append(float(answer_scores(pair.tuned, prompts, answers, **kwargs).accuracy.mean()))
+                values.append(float(answer_scores(pair.tuned, texts, answers, **kwargs).accuracy.mean()))
             else:
-                logits = capture(pair.tuned, prompts, [], positions="last", logits=True, progress=False)["logits"]
+                logits = capture(pair.tuned, texts, [], positions="last", logits=True, progress=False)["logits"]
                 values.append(float(logits.softmax(-1)[torch.arange(len(target)), target].mean()))
-    return {"alpha": list(alphas), "metric": "answer accuracy" if answers is not None else "p(tuned next token)",
-            "value": values}
+    return AlphaSweep(pair.tuned.name, [float(a) for a in alphas],
+                      "answer accuracy" if answers is not None else "p(tuned next token)", values,
+                      settings={"prompts": len(texts), "label": prompts.label})
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -263,86 +276,34 @@ def plot_layer_norms(result: TuCoResult, ax=None):
     ax.plot(frame.layer, frame.ftc_norm, marker="s", label="FTC (fine-tuning)", color=model_color("full"))
     ax.set(xlabel="layer", ylabel="mean norm (last token)", title=f"Components of {result.tuned}")
     ax.legend()
-    return ax
+    return integer_ticks(ax, "x")
 
 
-def plot_alpha_sweep(sweep: dict, ax=None, label: str = "tuned"):
+def plot_alpha_sweep(sweep: AlphaSweep, ax=None, label: str = "tuned"):
     """Behaviour vs alpha (alpha = 0 is the base model, 1 the tuned model)."""
     if ax is None:
         ax = figure()[1][0, 0]
-    ax.plot(sweep["alpha"], sweep["value"], marker="o", color=model_color(label))
+    ax.plot(sweep.alpha, sweep.value, marker="o", color=model_color(label))
     for a in (0.0, 1.0):
         ax.axvline(a, ls=":", color="grey")
-    ax.set(xlabel=r"$\alpha$ (scale of the fine-tuning component)", ylabel=sweep["metric"],
+    ax.set(xlabel=r"$\alpha$ (scale of the fine-tuning component)", ylabel=sweep.metric,
            title="Steering with TuCo")
     return ax
 
 
-def save_figures(results: Sequence[TuCoResult], sweep: dict | None, out: str | Path) -> list[Path]:
-    """Every TuCo figure for saved results into `out` (PDF and PNG each)."""
+def save_figures(results: Sequence[TuCoResult], sweep: AlphaSweep | None, out: str | Path,
+                 suffix: str = "") -> list[Path]:
+    """The TuCo figures of one tuned model into `out` (PDF and PNG each): distributions per prompt set, layer
+    norms, and the alpha sweep; file names end in `suffix`."""
     out = Path(out)
     fig, ax = figure()
     plot_distributions(results, ax[0, 0])
-    written = list(save_figure(fig, out / "tuco_distributions"))
+    written = list(save_figure(fig, out / f"tuco_distributions{suffix}"))
     fig, ax = figure()
     plot_layer_norms(results[0], ax[0, 0])
-    written += save_figure(fig, out / "tuco_layer_norms")
+    written += save_figure(fig, out / f"tuco_layer_norms{suffix}")
     if sweep is not None:
         fig, ax = figure()
         plot_alpha_sweep(sweep, ax[0, 0])
-        written += save_figure(fig, out / "tuco_alpha_sweep")
+        written += save_figure(fig, out / f"tuco_alpha_sweep{suffix}")
     return written
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser) -> None:
-    from interp.cli import add_pair_arguments
-
-    add_pair_arguments(parser)
-    parser.add_argument("--prompts-b", type=Path, help="a second prompt set to compare (zoo default: pre-training skills)")
-    parser.add_argument("--sublayers", action="store_true", help="also split each layer into attention and MLP")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
-
-
-def run_cli(args) -> None:
-    from interp.cli import prompt_sets
-    from interp.models import load_pair
-
-    sets = prompt_sets(args)
-    pair = load_pair(args.base, args.tuned, device=args.device, dtype=args.dtype, backend=args.backend)
-    results = [measure(pair, texts, label=label, sublayers=args.sublayers) for label, (texts, _) in sets.items()]
-    label, (texts, answers) = next(iter(sets.items()))
-    sweep = alpha_sweep(pair, texts, answers, alphas=args.alphas)
-    write(results, sweep, args.out)
-    print(f"TuCo written to {args.out}: " + ", ".join(f"{r.label} mean {float(r.tuco().mean()):.3f}" for r in results))
-
-
-def write(results: Sequence[TuCoResult], sweep: dict | None, out: str | Path) -> None:
-    """Results (tensors + CSV) and figures into `out`; `redraw(out)` re-draws the figures from these files."""
-    import json
-
-    import pandas as pd
-
-    out = Path(out)
-    for r in results:
-        r.save(out / "results" / r.label)
-    (out / "results" / "order.json").write_text(json.dumps([r.label for r in results]))
-    pd.concat([r.to_frame() for r in results]).to_csv(out / "tuco.csv", index=False)
-    pd.concat([r.layer_frame().assign(label=r.label) for r in results]).to_csv(out / "tuco_layers.csv", index=False)
-    if sweep is not None:
-        (out / "alpha_sweep.json").write_text(json.dumps(sweep, indent=1))
-    save_figures(results, sweep, out / "figures")
-
-
-def redraw(out: str | Path) -> list[Path]:
-    """Re-draw every figure from the results saved by `write` (no model is run)."""
-    import json
-
-    out = Path(out)
-    order = out / "results" / "order.json"
-    labels = json.loads(order.read_text()) if order.is_file() else sorted(
-        p.name for p in (out / "results").iterdir() if p.is_dir())
-    results = [TuCoResult.load(out / "results" / label) for label in labels]
-    sweep = json.loads((out / "alpha_sweep.json").read_text()) if (out / "alpha_sweep.json").is_file() else None
-    return save_figures(results, sweep, out / "figures")

@@ -17,9 +17,13 @@ memory-bounded: when the estimated result exceeds `memory_budget` bytes it strea
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
+import types
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +34,28 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.backends import Metric, run
-from interp.prompts import Batch, Tokens, tokenize
-from interp.sites import Site, site as parse_site
+from interp.prompts import Batch, Tokens, as_tokens
+from interp.sites import KINDS, Site, site as parse_site
+from interp.errors import BadOption, BadPositions, NonFiniteValues, OverMemoryBudget
 
-DEFAULT_BUDGET = int(float(os.environ.get("INTERP_MEMORY_BUDGET", 4 * 2**30)))
+DEFAULT_BUDGET = 4 * 2**30
+"""Bytes a capture may hold in memory before it streams to shards, unless $INTERP_MEMORY_BUDGET (bytes) or the
+command line's --memory-budget (GiB) says otherwise."""
+
+
+BUDGET_VARIABLE = "INTERP_MEMORY_BUDGET"
+
+
+def memory_budget_in_force() -> int:
+    """The memory budget in force: $INTERP_MEMORY_BUDGET (bytes, read at each call), else DEFAULT_BUDGET."""
+    value = os.environ.get(BUDGET_VARIABLE)
+    try:
+        budget = int(float(value)) if value else DEFAULT_BUDGET
+    except ValueError:
+        raise BadOption(f"INTERP_MEMORY_BUDGET={value!r} is not a number of bytes") from None
+    if budget <= 0:
+        raise BadOption(f"INTERP_MEMORY_BUDGET={value!r}: the memory budget must be positive")
+    return budget
 LOGITS = "logits"
 
 
@@ -77,7 +99,7 @@ class Activations:
     def tokens_of(self, key: str | Site) -> Tensor:
         """positions='all' only: the real-token rows [token, ...] of a per-position site, pads dropped."""
         if self.positions not in (None, "all"):
-            raise ValueError("tokens_of needs a capture with positions='all'")
+            raise BadOption("tokens_of needs a capture with positions='all'")
         return self[key][self.mask]
 
 
@@ -87,22 +109,27 @@ def _key(key: str | Site) -> str:
 
 def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", batch_size: int = 16,
             edits: Sequence = (), metric: Metric | None = None, logits: bool = False,
-            backend: str | None = None, padding_side: str = "right", memory_budget: int = DEFAULT_BUDGET,
-            shard_dir: str | Path | None = None, progress: bool = True) -> Activations:
+            backend: str | None = None, padding_side: str = "right", memory_budget: int | None = None,
+            shard_dir: str | Path | None = None, progress: bool = True, nonfinite: str = "raise") -> Activations:
     """Activations of `model` at `sites` for `prompts` (strings, token-id lists, or `Tokens`).
 
     `edits` (plus the model's active edits) apply during the forward; a captured site holds its value
     after its own edits. `metric(logits, batch) -> scalar` adds gradients at every site (`acts.grad(site)`);
-    return a sum over prompts so that gradients do not depend on the batching.
+    return a sum over prompts so that gradients do not depend on the batching. A NaN or inf in a captured
+    activation raises `NonFiniteValues` naming the model, the first site (in forward order) and the prompt where
+    it appears; `nonfinite="warn"` warns instead and keeps the values.
     """
-    tokens = prompts if isinstance(prompts, Tokens) else tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+    if nonfinite not in ("raise", "warn"):
+        raise BadOption(f"nonfinite={nonfinite!r}; use 'raise' or 'warn'")
+    tokens = as_tokens(model, prompts)
+    memory_budget = memory_budget_in_force() if memory_budget is None else memory_budget
     sites = [parse_site(s).check(model.n_layers, model.n_heads) for s in sites]
     all_edits = [*model.edits, *edits]
     read = {s.hooked for s in sites}
     estimate = _estimate_bytes(model, tokens, sites, positions, logits) * (2 if metric else 1)
     stream = estimate > memory_budget
     if stream and shard_dir is None:
-        raise MemoryError(f"capture needs about {estimate / 2**30:.2f} GiB, over the memory budget of "
+        raise OverMemoryBudget(f"capture needs about {estimate / 2**30:.2f} GiB, over the memory budget of "
                           f"{memory_budget / 2**30:.2f} GiB; pass shard_dir=... to stream it to disk")
     result = Activations(sites, positions, tokens, shard_dir=Path(shard_dir) if stream else None)
     done: set[str] = set()
@@ -117,6 +144,7 @@ def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", bat
             continue
         out = run(model, batch, read, all_edits, metric, backend)
         piece = _select(batch, sites, positions, out, logits, tokens.ids.shape[1])
+        _check_finite(piece, sites, batch, model, nonfinite)
         if stream:
             _write_atomic(result.shard_dir / name, piece)
         else:
@@ -127,6 +155,25 @@ def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", bat
     if isinstance(positions, Tensor):
         result.selected = positions[:, : tokens.ids.shape[1]].logical_and(tokens.mask).nonzero()
     return result
+
+
+def _check_finite(piece: dict[str, Tensor], sites: list[Site], batch: Batch, model, nonfinite: str) -> None:
+    """Raise (or warn) at the first non-finite value of a batch: the earliest site in forward order, then logits."""
+    order = sorted(sites, key=lambda s: (-1 if s.kind == "embed" else model.n_layers if s.layer is None else s.layer,
+                                         KINDS.index(s.kind)))
+    for key in [str(s) for s in order] + [LOGITS] + [f"grad:{s}" for s in order]:
+        values = piece.get(key)
+        if values is None or bool(torch.isfinite(values).all()):
+            continue
+        rows = (~torch.isfinite(values)).reshape(len(values), -1).any(-1).nonzero()
+        where = f"prompt {int(batch.index[int(rows[0])])}" if len(values) == len(batch.index) else "a selected token"
+        message = (f"{model.name}: NaN or inf at {key}, first for {where}, in {int((~torch.isfinite(values)).sum())} "
+                   f"values of this batch; check the weights and the dtype (float16 overflows), or pass "
+                   f"nonfinite='warn' to keep them")
+        if nonfinite == "raise":
+            raise NonFiniteValues(message)
+        warnings.warn(message, stacklevel=3)
+        return
 
 
 def _select(batch: Batch, sites: list[Site], positions, out, logits: bool, width: int) -> dict[str, Tensor]:
@@ -164,7 +211,7 @@ def _positions(batch: Batch, s: Site, act: Tensor, positions, width: int) -> Ten
     cols = torch.as_tensor([positions] if isinstance(positions, int) else list(positions))
     absolute = torch.where(cols[None] < 0, batch.lengths[:, None] + cols[None], cols[None])
     if ((absolute < 0) | (absolute >= batch.lengths[:, None])).any():
-        raise IndexError(f"positions {cols.tolist()} fall outside some prompts (lengths {batch.lengths.tolist()})")
+        raise BadPositions(f"positions {cols.tolist()} fall outside some prompts (lengths {batch.lengths.tolist()})")
     return act[torch.arange(len(batch.lengths))[:, None], absolute].contiguous()
 
 
@@ -196,12 +243,56 @@ def _estimate_bytes(model, tokens: Tokens, sites: list[Site], positions, logits:
 
 
 def _capture_key(model, tokens: Tokens, sites, positions, batch_size, padding_side, edits, metric, logits) -> str:
+    """What a resumed capture must share with the one that wrote the shards: the model, the tokens, every
+    option, the edits' tensors byte for byte and the metric's code and captured values."""
     h = hashlib.sha256()
-    for part in (model.fingerprint(), [str(s) for s in sites], repr(positions), batch_size, padding_side,
-                 [repr(e) for e in edits], metric is not None, logits):
-        h.update(repr(part).encode())
-    h.update(tokens.ids.numpy().tobytes())
+    for part in (model.fingerprint(), [str(s) for s in sites], positions, batch_size, padding_side, list(edits),
+                 metric, logits, tokens.ids):
+        _digest(part, h)
     return h.hexdigest()
+
+
+def _digest(value, h, depth: int = 0) -> None:
+    """Feed `value` into the hash `h` by content: tensors by dtype, shape and bytes (never their abbreviated
+    repr), dataclasses field by field, functions by code, defaults and closure, models by fingerprint."""
+    if depth > 20:
+        raise RecursionError("value nests too deeply to fingerprint")
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif hasattr(value, "fingerprint") and callable(value.fingerprint):
+        h.update(f"model {value.fingerprint()}".encode())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(type(value).__qualname__.encode())
+        for f in dataclasses.fields(value):
+            h.update(f.name.encode())
+            _digest(getattr(value, f.name), h, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"seq {len(value)}".encode())
+        for v in value:
+            _digest(v, h, depth + 1)
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}".encode())
+        for k, v in value.items():
+            _digest(k, h, depth + 1)
+            _digest(v, h, depth + 1)
+    elif isinstance(value, functools.partial):
+        for part in ("partial", value.func, value.args, value.keywords):
+            _digest(part, h, depth + 1)
+    elif isinstance(value, types.CodeType):
+        h.update(f"code {value.co_name}".encode() + value.co_code)
+        _digest(value.co_consts, h, depth + 1)
+    elif isinstance(value, types.FunctionType):
+        h.update(f"function {value.__module__}.{value.__qualname__}".encode())
+        _digest(value.__code__, h, depth + 1)
+        _digest(value.__defaults__ or (), h, depth + 1)
+        _digest([c.cell_contents for c in value.__closure__ or ()], h, depth + 1)
+    elif isinstance(value, types.MethodType):
+        for part in ("method", value.__func__, value.__self__):
+            _digest(part, h, depth + 1)
+    else:
+        h.update(f"{type(value).__qualname__} {value!r}".encode())
 
 
 def _manifest(shard_dir: Path) -> dict:
@@ -209,23 +300,41 @@ def _manifest(shard_dir: Path) -> dict:
 
 
 def _prepare_shards(shard_dir: Path, key: str) -> set[str]:
-    """Create or reuse a shard folder; returns the names of shards already written for this same capture."""
+    """Create or reuse a shard folder; returns the names of the shards already written for this same capture whose
+    bytes match the checksum the manifest recorded (a truncated or altered shard is computed again)."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = shard_dir / "capture.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
-        return {p.name for p in shard_dir.glob("shard-*.safetensors")}
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("key") == key:
+        sums = manifest.get("sha256", {})
+        return {p.name for p in shard_dir.glob("shard-*.safetensors") if sums.get(p.name) == _sha256(p)}
     for old in shard_dir.glob("shard-*.safetensors"):
         old.unlink()
-    manifest_path.write_text(json.dumps({"key": key, "keys": []}))
+    _write_manifest(manifest_path, {"key": key, "keys": [], "sha256": {}})
     return set()
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, path)
+
+
 def _write_atomic(path: Path, piece: dict[str, Tensor]) -> None:
+    """Write one shard (renamed into place once complete) and record its checksum in the manifest."""
     tmp = path.with_suffix(".tmp")
     save_file(piece, str(tmp))
     os.replace(tmp, path)
     manifest_path = path.parent / "capture.json"
     manifest = json.loads(manifest_path.read_text())
-    if not manifest["keys"]:
-        manifest["keys"] = list(piece)
-        manifest_path.write_text(json.dumps(manifest))
+    manifest["keys"] = manifest["keys"] or list(piece)
+    manifest.setdefault("sha256", {})[path.name] = _sha256(path)
+    _write_manifest(manifest_path, manifest)

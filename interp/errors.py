@@ -47,3 +47,27 @@ class ResultNotFound(InterpError):
 
 class UnsupportedAdapter(InterpError):
     """An adapter folder that is not a plain LoRA adapter readable as weight deltas."""
+
+
+class BadOption(InterpError, ValueError):
+    """An option or argument outside its range or not one of its choices (also a ValueError)."""
+
+
+class BadPositions(InterpError, IndexError):
+    """Positions that fall outside some prompts (also an IndexError)."""
+
+
+class BadModelArgument(InterpError, TypeError):
+    """Models passed in a combination an analysis cannot take (also a TypeError)."""
+
+
+class OverMemoryBudget(InterpError, MemoryError):
+    """A capture larger than the memory budget with nowhere to stream it (also a MemoryError)."""
+
+
+class NonFiniteValues(InterpError):
+    """A NaN or inf in weights, activations or results, named where it first appears."""
+
+
+class UnsupportedArchitecture(InterpError):
+    """A model family interp does not support (not listed in interp.backends.architectures), named with the fix."""

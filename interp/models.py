@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from interp.errors import CorruptWeights, IncompatibleModels, ModelNotFound, UnsupportedEdit
+from interp.errors import BadOption, CorruptWeights, IncompatibleModels, ModelNotFound, UnsupportedEdit
 
 ZOO_PREFIX = "zoo:"
 
@@ -41,10 +41,18 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
+    """'auto' picks CUDA when present, else CPU; a CUDA device this machine lacks is a BadOption."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise BadOption(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    missing = not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    if resolved.type == "cuda" and missing:
+        raise BadOption(f"device {device!r} is not on this machine ({torch.cuda.device_count()} CUDA devices); "
+                        f"use cpu or auto")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -53,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        raise BadOption(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
 
 
@@ -66,6 +74,7 @@ class Model:
     name: str
     backend: str = "bridge"
     edits: list = field(default_factory=list)
+    adapter: Path | None = None  # the PEFT adapter folder this model was merged from, when it was
 
     @property
     def config(self):
@@ -123,7 +132,7 @@ class Model:
 
     @cached_property
     def architecture(self):
-        from interp.backends.nnsight_backend import architecture
+        from interp.backends.architectures import architecture
 
         return architecture(self.hf)
 
@@ -167,9 +176,13 @@ def load_model(spec: str | Path, *, base: str | Path | None = None, device: str 
     tokenizer = _load_tokenizer(folder)
     if adapter is not None:
         hf = _apply_adapter(hf, adapter, merge)
+    _check_finite_weights(hf, spec)
+    from interp.backends.architectures import architecture
+
+    architecture(hf)  # UnsupportedArchitecture, naming the family, for a model neither backend can run
     hf.to(resolve_device(device)).eval()
     hf.requires_grad_(requires_grad)
-    return Model(hf, tokenizer, spec, backend=backend)
+    return Model(hf, tokenizer, spec, backend=backend, adapter=adapter)
 
 
 def _resolve(spec: str, base: str | Path | None) -> tuple[str, Path | None]:
@@ -196,9 +209,19 @@ def _resolve(spec: str, base: str | Path | None) -> tuple[str, Path | None]:
             raise ModelNotFound(f"{path} has no config.json; pass a Hugging Face model folder, a PEFT adapter "
                                 f"folder, a hub id or a zoo name (zoo:base)")
         return str(path), None
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if path.is_file():
+        raise ModelNotFound(f"{spec} is a file; pass the model's folder (the one holding config.json), a PEFT "
+                            f"adapter folder, a hub id or a zoo name")
+    if _looks_local(spec):
         raise ModelNotFound(f"model folder {spec} does not exist; check the path")
     return spec, None
+
+
+def _looks_local(spec: str) -> bool:
+    """A spec that names a path here, never a hub id: it starts with . / ~, has more than one slash, or its
+    first part is a folder that exists here (`m/missing-model` with a folder `m`)."""
+    first = spec.split("/")[0]
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and Path(first).is_dir())
 
 
 def _zoo_path(zoo, name: str) -> Path:
@@ -216,8 +239,15 @@ def _load_hf(folder: str, dtype: torch.dtype) -> nn.Module:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    local = Path(folder)
+    if local.is_dir() and not any(local.glob("*.safetensors")) and any(
+            local.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+        raise CorruptWeights(f"{folder} holds only pickled weights (.bin/.pt), which interp never loads (unpickling "
+                             f"runs code); convert them once where you trust the file: AutoModelForCausalLM."
+                             f"from_pretrained(folder).save_pretrained(new_folder) writes model.safetensors")
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager",
+                                                    use_safetensors=True)
     except SafetensorError as e:
         raise CorruptWeights(f"weights in {folder} cannot be read ({e}); re-save or re-download them") from None
     except OSError as e:
@@ -225,6 +255,17 @@ def _load_hf(folder: str, dtype: torch.dtype) -> nn.Module:
             raise CorruptWeights(f"weights in {folder} cannot be read ({str(e).splitlines()[0]})") from None
         raise ModelNotFound(f"cannot load {folder!r}: not a local folder, and the hub did not give it "
                             f"({str(e).splitlines()[0]})") from None
+
+
+def _check_finite_weights(hf: nn.Module, spec: str) -> None:
+    """NonFiniteValues naming the first weight tensor of `hf` that holds a NaN or inf."""
+    from interp.errors import NonFiniteValues
+
+    for name, p in hf.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            count = int((~torch.isfinite(p.detach())).sum())
+            raise NonFiniteValues(f"{spec}: weight {name} holds {count} NaN or inf values; the checkpoint is "
+                                  f"corrupt or diverged in training")
 
 
 def _load_tokenizer(folder: str):
@@ -248,8 +289,25 @@ def _apply_adapter(hf: nn.Module, adapter: Path, merge: bool) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- pairs
 
-COMPARED_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
-                   "num_key_value_heads", "intermediate_size", "n_inner", "vocab_size", "head_dim")
+NON_COMPUTING_FIELDS = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "_commit_hash",
+    "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_return_dict",
+    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "id2label", "label2id", "task_specific_params", "problem_type", "finetuning_task", "tokenizer_class", "prefix",
+    "quantization_config", "max_length", "min_length", "do_sample", "temperature", "top_k", "top_p",
+    "num_beams", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "early_stopping"})
+"""Config fields that do not change what the network computes (names, versions, dtypes, token ids, generation
+defaults); a pair may differ in them. Every other field must be equal (context length, activation, norm epsilon,
+rotary settings, sliding windows, tied embeddings, sizes, ...)."""
+
+
+def config_differences(base, tuned) -> list[str]:
+    """'field: base X, tuned Y' for every computing config field in which two HF configs differ."""
+    a, b = base.to_dict(), tuned.to_dict()
+    standard = {raw: name for name, raw in getattr(base, "attribute_map", {}).items()}  # n_layer -> num_hidden_layers
+    keys = sorted((set(a) | set(b)) - NON_COMPUTING_FIELDS, key=lambda k: standard.get(k, k))
+    return [f"{standard.get(k, k)}: base {a.get(k)}, tuned {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
 
 
 @dataclass(eq=False)
@@ -284,11 +342,7 @@ class Pair:
 
 def check_compatible(base: Model, tuned: Model) -> None:
     """Raise IncompatibleModels naming every field in which the two models differ."""
-    problems = []
-    for key in COMPARED_FIELDS:
-        a, b = getattr(base.config, key, None), getattr(tuned.config, key, None)
-        if a != b:
-            problems.append(f"{key}: base {a}, tuned {b}")
+    problems = config_differences(base.config, tuned.config)
     if type(base.hf).__name__ != type(tuned.hf).__name__:
         problems.append(f"class: base {type(base.hf).__name__}, tuned {type(tuned.hf).__name__}")
     if base.tokenizer.get_vocab() != tuned.tokenizer.get_vocab():

@@ -24,12 +24,19 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise BadPrompts(f"prompt file {path} does not exist; pass a .txt (one prompt per line) or .jsonl file")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in _read_text(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         lines = [_jsonl_prompt(path, n, line) for n, line in enumerate(lines, 1)]
     if not lines:
         raise BadPrompts(f"prompt file {path} is empty; write one prompt per line")
     return lines
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadPrompts(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 def _jsonl_prompt(path: Path, line_no: int, line: str) -> str:
@@ -43,6 +50,52 @@ def _jsonl_prompt(path: Path, line_no: int, line: str) -> str:
         if isinstance(record, dict) and isinstance(record.get(key), str):
             return record[key]
     raise BadPrompts(f"{path}:{line_no} has no string field 'prompt' or 'text'")
+
+
+@dataclass
+class PromptSet:
+    """A labelled set of prompts, with the expected answer of each when the task has one."""
+
+    prompts: list[str]
+    answers: list[str] | None = None
+    label: str = "prompts"
+
+    def __post_init__(self) -> None:
+        if self.answers is not None and len(self.answers) != len(self.prompts):
+            raise BadPrompts(f"prompt set {self.label!r} has {len(self.prompts)} prompts but {len(self.answers)} "
+                             f"answers; give one answer per prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int) -> PromptSet:
+        """The first `n` prompts (and answers)."""
+        return PromptSet(self.prompts[:n], self.answers and self.answers[:n], self.label)
+
+    def split(self) -> tuple[PromptSet, PromptSet]:
+        """Even and odd prompts: a train and a test half of the same distribution."""
+        halves = [PromptSet(self.prompts[i::2], self.answers and self.answers[i::2], self.label) for i in (0, 1)]
+        return halves[0], halves[1]
+
+
+def as_prompt_set(prompts: PromptSet | Sequence[str], label: str | None = None) -> PromptSet:
+    """`prompts` as a PromptSet (a list of strings gets no answers); `label` overrides its label."""
+    if isinstance(prompts, PromptSet):
+        return prompts if label is None else PromptSet(prompts.prompts, prompts.answers, label)
+    return PromptSet(list(prompts), None, label or "prompts")
+
+
+def read_prompt_set(path: str | Path, label: str | None = None) -> PromptSet:
+    """A prompt file as a PromptSet labelled by its stem; .jsonl objects that all carry a string "answer" give
+    the answers."""
+    path = Path(path)
+    prompts = read_prompts(path)
+    answers = None
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+        found = [r.get("answer") if isinstance(r, dict) else None for r in records]
+        answers = found if all(isinstance(a, str) for a in found) else None
+    return PromptSet(prompts, answers, label or path.stem)
 
 
 @dataclass
@@ -97,6 +150,33 @@ def tokenize(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], max_le
     for row, ids in enumerate(encoded):
         padded[row, : len(ids)] = torch.tensor(ids)
     return Tokens(padded, lengths, pad_id)
+
+
+def as_tokens(model, prompts: PromptSet | Sequence[str] | Sequence[Sequence[int]] | Tokens) -> Tokens:
+    """`prompts` tokenised for `model` (Tokens pass through), checked against its context length."""
+    if isinstance(prompts, Tokens):
+        return prompts
+    if isinstance(prompts, PromptSet):
+        prompts = prompts.prompts
+    return tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+
+
+def prompt_texts(prompts: PromptSet | Sequence[str] | Tokens) -> list[str]:
+    """The prompts as strings, for results and tables (Tokens are shown as their token-id lists)."""
+    if isinstance(prompts, Tokens):
+        return [str(row[:n].tolist()) for row, n in zip(prompts.ids, prompts.lengths)]
+    if isinstance(prompts, PromptSet):
+        return list(prompts.prompts)
+    return [p if isinstance(p, str) else str(list(p)) for p in prompts]
+
+
+def position_index(lengths: Int[Tensor, " prompt"], position: int | str) -> Int[Tensor, " prompt"]:
+    """The canonical column of `position` in each prompt: "last", an index, or a negative index from the end."""
+    if position == "last":
+        return lengths - 1
+    if not isinstance(position, int):
+        raise BadPrompts(f"position {position!r} is not 'last' or an integer")
+    return lengths + position if position < 0 else torch.full_like(lengths, position)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.backends import run
-from interp.prompts import Tokens, tokenize
+from interp.prompts import Tokens, as_tokens, tokenize
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _scored(model, tokens: Tokens, start: Tensor, batch_size: int, backend, prog
 def loss(model, prompts, *, batch_size: int = 16, backend: str | None = None,
          progress: bool = False) -> Float[Tensor, " prompt"]:
     """Mean next-token cross-entropy of each prompt over its real tokens (nats)."""
-    tokens = prompts if isinstance(prompts, Tokens) else tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+    tokens = as_tokens(model, prompts)
     return _scored(model, tokens, torch.ones(len(tokens), dtype=torch.long), batch_size, backend, progress).loss
 
 

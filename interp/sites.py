@@ -1,7 +1,9 @@
 """Canonical activation sites: the one vocabulary that capture and intervene speak.
 
 A `Site` names one activation of a decoder-only transformer. Each backend maps a site to its own
-hook in exactly one function (`interp.backends.bridge.hook_name`, `interp.backends.nnsight_backend`).
+hook in exactly one function (`interp.backends.bridge.hook_name`, `interp.backends.nnsight_backend`), with the
+module names of the model's family from `interp.backends.architectures` (which also says what the sites are on
+sandwich-norm, post-norm and parallel-residual families).
 
 Shapes as returned by capture for a batch (canonical layout, right-padded, position 0 = first token):
 
@@ -10,8 +12,11 @@ Shapes as returned by capture for a batch (canonical layout, right-padded, posit
     attn_pattern                                                         [batch, head, query_pos, key_pos]
 
 `embed` is the input of block 0 (token plus position embedding, i.e. `resid_pre` of layer 0),
-`final` the output of the final norm. `head_out` is each head's contribution to `attn_out`
-(`z_h @ W_O[h]`, without the output bias): `attn_out = head_out.sum(head) + b_O`.
+`final` the output of the final norm. `attn_out` and `mlp_out` are what each branch adds to the residual stream
+(after the post-norms of Gemma 2/3 and OLMo 2), so `resid_pre + attn_out = resid_mid` and
+`resid_mid + mlp_out = resid_post` on every family; on parallel-residual blocks (GPT-NeoX) `resid_mid` is defined as
+`resid_pre + attn_out`. `head_out` is each head's contribution to `attn_out` (`z_h @ W_O[h]`, without the output
+bias; behind a post-norm, times the norm's scale on the whole attention output): `attn_out = head_out.sum(head) + b_O`.
 A site with `head` set selects one head of `head_out` (for edits and capture alike).
 """
 

@@ -88,8 +88,19 @@ def smol_zoo():
     """The real zoo (SmolLM2-135M-Instruct and its fine-tunes), built once (about 15 minutes on 2 cores) or reused
     from the cache; skipped, with the install command, when the `real` extra is not installed."""
     from interp.zoo import smol
+    from interp.zoo.smol_source import missing_extra
 
-    message = smol.missing_extra()
+    message = missing_extra()
     if message is not None:
         pytest.skip(message)
     return smol.build_real(progress=False)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a test module (tiny matrices are fastest so, and two OpenMP threads on busy shared cores
+    can be 100x slower); restored after it. Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -175,3 +175,69 @@ def test_memory_estimate_of_a_mask_counts_real_tokens_only(loaded, prompts):
     assert acts["resid_post.0"].shape == (n_real, model.d_model)
     with pytest.raises(MemoryError, match="shard_dir"):
         interp.capture(model, tokens, ["resid_post.0"], positions=mask, memory_budget=size - 1, progress=False)
+
+
+def test_resume_key_tells_apart_edits_that_differ_only_inside_a_large_tensor(loaded, prompts, tmp_path):
+    """torch abbreviates large tensors in repr with '...'; two replace edits that differ only there must not share
+    a resume key (the old key hashed repr(edit) and returned the first run's shards, off by up to 5.0)."""
+    model = loaded["gpt2"]
+    first = interp.capture(model, prompts, ["resid_pre.1"], progress=False)["resid_pre.1"]
+    second = first.clone()
+    second[..., 3:-3] += 5.0  # the middle of every row, which repr prints as "..."
+    assert repr(interp.replace("resid_pre.1", first)) == repr(interp.replace("resid_pre.1", second))
+    kw = dict(batch_size=2, memory_budget=1000, shard_dir=tmp_path, progress=False)
+    interp.capture(model, prompts, ["resid_post.1"], edits=[interp.replace("resid_pre.1", first)], **kw)
+    resumed = interp.capture(model, prompts, ["resid_post.1"], edits=[interp.replace("resid_pre.1", second)], **kw)
+    fresh = interp.capture(model, prompts, ["resid_post.1"], edits=[interp.replace("resid_pre.1", second)],
+                           batch_size=2, progress=False)
+    assert torch.equal(resumed["resid_post.1"], fresh["resid_post.1"])
+
+
+def test_resume_key_tells_apart_metrics(loaded, prompts, tmp_path):
+    """A resume with another metric recomputes the gradients (the old key hashed only whether a metric was given)."""
+    model = loaded["gpt2"]
+
+    def metric_of(token: int):
+        return lambda logits, batch: logits[:, -1, token].sum()
+
+    kw = dict(batch_size=2, memory_budget=1000, shard_dir=tmp_path, progress=False)
+    interp.capture(model, prompts, ["resid_post.0"], metric=metric_of(3), **kw)
+    resumed = interp.capture(model, prompts, ["resid_post.0"], metric=metric_of(7), **kw)
+    fresh = interp.capture(model, prompts, ["resid_post.0"], metric=metric_of(7), batch_size=2, progress=False)
+    assert torch.equal(resumed.grad("resid_post.0"), fresh.grad("resid_post.0"))
+
+
+def test_a_truncated_shard_is_computed_again_on_resume(loaded, prompts, tmp_path):
+    model = loaded["gpt2"]
+    kw = dict(batch_size=2, memory_budget=1000, shard_dir=tmp_path, progress=False)
+    first = interp.capture(model, prompts, ["resid_post.1"], **kw)["resid_post.1"].clone()
+    shard = tmp_path / "shard-00000002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-7])  # a shard cut short (a full disk, a killed copy)
+    resumed = interp.capture(model, prompts, ["resid_post.1"], **kw)
+    assert torch.equal(resumed["resid_post.1"], first)
+
+
+def test_the_memory_budget_is_read_when_capture_runs(loaded, prompts, monkeypatch):
+    monkeypatch.setenv("INTERP_MEMORY_BUDGET", "1000")
+    with pytest.raises(interp.InterpError, match="over the memory budget"):
+        interp.capture(loaded["gpt2"], prompts, ["resid_post.1"], progress=False)
+    monkeypatch.setenv("INTERP_MEMORY_BUDGET", "lots")
+    with pytest.raises(interp.InterpError, match="INTERP_MEMORY_BUDGET"):
+        interp.capture(loaded["gpt2"], prompts, ["resid_post.1"], progress=False)
+
+
+def test_a_nan_activation_is_named_where_it_first_appears(model_dirs, prompts):
+    """A NaN planted in one weight of layer 1: capture names layer 1's first affected site and the first prompt,
+    not a later layer, instead of returning NaN activations (or warns and keeps them with nonfinite='warn')."""
+    from conftest import random_model
+
+    model = interp.load_model(model_dirs["gpt2"])
+    with torch.no_grad():
+        model.hf.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    sites = ["resid_post.0", "resid_post.2", "attn_out.1", "mlp_out.1"]
+    with pytest.raises(interp.InterpError, match=r"NaN or inf at mlp_out\.1, first for prompt 0"):
+        interp.capture(model, prompts, sites, progress=False)
+    with pytest.warns(UserWarning, match="mlp_out.1"):
+        acts = interp.capture(model, prompts, sites, progress=False, nonfinite="warn")
+    assert torch.isfinite(acts["resid_post.0"]).all() and not torch.isfinite(acts["resid_post.2"]).all()
+    assert random_model  # the fixture module is importable here

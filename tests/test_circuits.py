@@ -1,17 +1,24 @@
 """Circuits: patching identities, attribution identities, EAP-IG completeness, faithfulness end points, CMAP on a
 planted change, detector indexing on constructed patterns, differentiable edits for LoFiT, results and CLI."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from conftest import VOCAB, random_model, word_tokenizer
 
 import interp
-from analyses import circuit_edges as ce
-from analyses import circuit_patching as cp
-from analyses import circuit_plots, circuits, cmap, head_detectors, lofit
+from analyses import circuits
+from analyses.circuits import cmap, lofit
+from analyses.circuits import edges as ce
+from analyses.circuits import heads as head_detectors
+from analyses.circuits import patching as cp
+from analyses.circuits import plots as circuit_plots
+from interp.app import zoo_defaults
 from interp.errors import BadPrompts
+from interp.prompts import PromptSet
 from interp.sites import Site
-
-from conftest import VOCAB, random_model, word_tokenizer
 
 LENGTHS = (6, 9, 4, 7, 5)
 
@@ -52,7 +59,7 @@ def test_pairs_roundtrip_and_checks(gpt2, pairs, tmp_path):
 
 
 def test_zoo_pairs_have_equal_lengths_and_different_answers():
-    zp = cp.zoo_pairs("copy", 20)
+    zp = zoo_defaults.circuit_pairs("copy", 20)
     for clean, corrupt, a, w in zip(zp.clean, zp.corrupt, zp.answer, zp.wrong):
         assert len(clean.split()) == len(corrupt.split()) and a != w
         assert clean.split()[1 + 1] == a  # "copy x1 x2 ... = x1" -> answer x2
@@ -132,7 +139,7 @@ def test_backends_agree(model_dirs, gpt2, tp):
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, model_dirs):
+def planted_dir(tmp_path_factory):
     """Tuned = base with only layer 1's MLP changed."""
     root = tmp_path_factory.mktemp("circuits")
     tuned = random_model("gpt2")
@@ -141,7 +148,12 @@ def planted(tmp_path_factory, model_dirs):
         w.add_(0.5 * torch.randn_like(w))
     tuned.save_pretrained(root / "tuned")
     word_tokenizer().save_pretrained(root / "tuned")
-    return interp.load_pair(model_dirs["gpt2"], root / "tuned")
+    return root / "tuned"
+
+
+@pytest.fixture(scope="module")
+def planted(planted_dir, model_dirs):
+    return interp.load_pair(model_dirs["gpt2"], planted_dir)
 
 
 def test_cmap_finds_a_planted_mlp(planted, pairs):
@@ -224,38 +236,102 @@ def test_steering_heads(gpt2, pairs):
     assert gpt2.edits == []
 
 
+def assert_same_result(a, b):
+    """Every field of two results equal: tensors (and dicts of tensors) exactly, the rest and the settings by ==."""
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f.name
+        elif isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
+        else:
+            assert x == y, f.name
+
+
 @pytest.mark.slow
 def test_measure_saves_loads_and_redraws(planted, pairs, tmp_path):
-    task = (pairs.clean, pairs.answer)
-    result = circuits.measure(planted, pairs=pairs, target_pairs=pairs, task=task, target=task, ig_steps=2,
-                              circuit_sizes=(3,), lofit=task)
-    circuits.write(result, tmp_path)
-    back = circuits.CircuitsResult.load(tmp_path / "results")
-    assert back.meta == result.meta
-    assert all(torch.equal(back.tensors[k], v) for k, v in result.tensors.items())
+    task = PromptSet(pairs.clean, pairs.answer, "skill")
+    result = circuits.measure(planted, pairs, pairs, task=task, target=task, ig_steps=2, circuit_sizes=(3,),
+                              lofit=task)
+    back = circuits.CircuitsResult.load(result.save(tmp_path / "results"))
+    assert_same_result(back, result)
     frame = back.to_frame()
     assert len(frame) == 2 * 3 * 4 and "patching.skill" in frame
     assert len(back.emergent(3)) == 3
-    names = {p.name for p in circuits.redraw(tmp_path)}
-    assert {"circuit.pdf", "heads_target.png", "cmap.pdf", "ablation.png"} <= names
-    assert (tmp_path / "lofit" / "lofit.safetensors").is_file()
-    again = circuits.measure(planted, pairs=pairs, target_pairs=pairs, task=task, target=task, cmap=False, reuse=result)
-    for key, value in result.tensors.items():
-        if key.endswith(".tuned") or key.endswith(".base") or key == "edges":
-            assert torch.allclose(again.tensors[key], value, atol=1e-5), key
-    assert again.meta["ablation"] == result.meta["ablation"]
-    fast = circuits.measure(planted, pairs=pairs, target_pairs=pairs, task=task, target=task, cmap=False,
-                            ablation=False, patching=False, ig_steps=1, circuit_sizes=(3,))
-    assert fast.method == "attribution" and "patching.skill.base" not in fast.tensors
-    assert torch.allclose(fast.tensors["attribution.skill.tuned"], result.tensors["attribution.skill.tuned"], atol=1e-5)
+    first = {p.name: p.read_bytes() for p in circuit_plots.save_figures(result, tmp_path / "figures")}
+    assert {"circuit.pdf", "heads_target.png", "cmap.pdf", "ablation.png"} <= set(first)
+    assert {p.name: p.read_bytes() for p in circuit_plots.save_figures(back, tmp_path / "again")} == first
+    offsets = lofit.LoFiT.load(back.fitted().save(tmp_path / "lofit"))
+    assert (tmp_path / "lofit" / "tensors.safetensors").is_file()
+    assert offsets.heads == [tuple(h) for h in result.lofit["heads"]] and torch.equal(offsets.offsets,
+                                                                                      result.lofit_offsets)
+    again = circuits.measure(planted, pairs, pairs, task=task, target=task, cmap=False, reuse=result)
+    for key, value in {**result.importance, **result.detectors}.items():
+        if key.endswith((".tuned", ".base")):
+            assert torch.allclose({**again.importance, **again.detectors}[key], value, atol=1e-5), key
+    assert torch.allclose(again.edges, result.edges, atol=1e-5)
+    assert again.ablation == result.ablation
+    fast = circuits.measure(planted, pairs, pairs, task=task, target=task, cmap=False, ablation=False,
+                            patching=False, ig_steps=1, circuit_sizes=(3,))
+    assert fast.method == "attribution" and "patching.skill.base" not in fast.importance
+    assert torch.allclose(fast.importance["attribution.skill.tuned"], result.importance["attribution.skill.tuned"],
+                          atol=1e-5)
     assert len(fast.emergent(2)) == 2
     names = {p.name for p in circuit_plots.save_figures(fast, tmp_path / "fast")}
     assert "heads_target.png" in names and "attribution_vs_patching.png" not in names
 
 
-def test_cli_is_registered_and_needs_pairs_outside_the_zoo(model_dirs, tmp_path, capsys):
-    from interp.cli import ANALYSES, main
+def test_measure_pairs_a_prompt_set_with_answers(gpt2):
+    prompts = PromptSet(["w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w11 w12", "w13"], ["w20 w21", "w22", "w20", "w23", "w24"],
+                        "task")
+    made = circuits.as_pairs(gpt2, prompts)
+    assert made == cp.pairs_from_answers(gpt2, prompts.prompts, prompts.answers)
+    assert circuits.as_task(prompts, "x") is prompts and circuits.as_task(made, "x").answers == made.answer
+    with pytest.raises(BadPrompts, match="answers"):
+        circuits.as_pairs(gpt2, PromptSet(prompts.prompts))
 
-    assert "circuits" in ANALYSES
+
+def task_file(path, n=12, length=5, seed=0):
+    """A jsonl prompt set with answers whose prompts share one token length (so every prompt has a partner)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"prompt": words(torch.randint(2, VOCAB, (length,), generator=g).tolist()),
+             "answer": f"w{int(torch.randint(2, VOCAB, (1,), generator=g))}"} for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_cli_writes_results_tables_and_figures_that_redraw_identically(model_dirs, planted_dir, tmp_path):
+    from interp.app.cli import main
+    from interp.app.lenses import circuits as lens
+
+    out = tmp_path / "out"
+    assert main(["circuits", "--base", model_dirs["gpt2"], "--tuned", str(planted_dir), "--prompts",
+                 str(task_file(tmp_path / "task.jsonl")), "--out", str(out), "--ig-steps", "1", "--circuit-sizes", "3",
+                 "--cmap-max-set", "1", "--n-random", "2", "--lofit"]) == 0
+    section = json.loads((out / "section.json").read_text())
+    assert section["error"] is None and "top emergent head, tuned" in section["headline"]
+    result = circuits.CircuitsResult.load(out / "results" / "tuned")
+    assert result.skill == result.target == "task" and result.lofit is not None
+    assert result.settings["ig_steps"] == 1 and result.settings["circuit_sizes"] == [3]
+    assert (out / "heads.csv").is_file() and (out / "circuits_models.csv").is_file()
+    figures = sorted((out / "figures").iterdir())
+    assert {p.stem for p in figures} == {"circuit", "attribution_vs_patching", "ablation", "heads_target_tuned",
+                                         "heads_skill_tuned", "cmap_tuned"}
+    assert all((out / p).is_file() for p in section["figures"])
+    before = {p.name: p.read_bytes() for p in figures}
+    assert {p.name: p.read_bytes() for p in lens.redraw(out)} == before
+
+
+def test_cli_is_registered_and_needs_prompts_with_answers_outside_the_zoo(model_dirs, tmp_path, capsys):
+    from interp.app.cli import main
+    from interp.app.lenses import LENSES
+
+    assert "circuits" in LENSES
     code = main(["circuits", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--out", str(tmp_path)])
+    assert code == 2 and "--prompts" in capsys.readouterr().err
+    (tmp_path / "plain.txt").write_text("w2 w3\nw4 w5\n")
+    code = main(["circuits", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--prompts",
+                 str(tmp_path / "plain.txt"), "--out", str(tmp_path / "out")])
     assert code == 2 and "--pairs" in capsys.readouterr().err

@@ -5,9 +5,12 @@ import torch
 from scipy.stats import spearmanr
 
 import interp
-from analyses import circuit_edges as ce
-from analyses import circuit_patching as cp
-from analyses import circuits, cmap, head_detectors, lofit
+from analyses import circuits
+from analyses.circuits import cmap, lofit
+from analyses.circuits import edges as ce
+from analyses.circuits import heads as head_detectors
+from analyses.circuits import patching as cp
+from interp.app import zoo_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +22,7 @@ def pair(zoo_built):
 
 @pytest.fixture(scope="module")
 def copy_pairs(pair):
-    return cp.tokenize_pairs(pair.base, cp.zoo_pairs("copy", 64))
+    return cp.tokenize_pairs(pair.base, zoo_defaults.circuit_pairs("copy", 64))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_cmap_recovers_half_of_the_fine_tuning_gain(pair):
 
 
 def test_emergent_heads_on_the_target_skill(pair):
-    target = cp.zoo_pairs(interp.zoo.TARGET_SKILL, 64)
+    target = zoo_defaults.circuit_pairs(interp.zoo.TARGET_SKILL, 64)
     sites = cp.component_sites(pair.base, ("head",))
     maps = {}
     for name, model in zip(("base", "tuned"), pair.models):

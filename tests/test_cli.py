@@ -5,20 +5,21 @@ import sys
 
 import pytest
 
-from interp.cli import main
+from interp.app.cli import main
+from interp.app.lenses import LENSES
 
 from conftest import save_model
 
 
 def test_console_script_help():
-    done = subprocess.run([sys.executable, "-m", "interp.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "interp.app", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    for command in ("zoo", "capture", "report", "figures"):
+    for command in ("zoo", "capture", "report", "figures", *LENSES):
         assert command in done.stdout
 
 
 @pytest.mark.parametrize("argv", [["zoo", "--help"], ["zoo", "build", "--help"], ["capture", "--help"],
-                                  ["report", "--help"], ["figures", "--help"]])
+                                  ["report", "--help"], ["figures", "--help"], *[[name, "--help"] for name in LENSES]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,4 +1,5 @@
-"""Intruder-dimension numerics (analyses/intruder_math.py) and LoRA adapters read as deltas (analyses/lora_weights.py).
+"""Intruder-dimension numerics (analyses/intruders/spectra.py), LoRA adapters read as deltas (analyses/intruders/lora.py)
+and weight matrices named and paired (analyses/intruders/matrices.py).
 
 Closed form used below. Let W0 = U0 diag(s) V0^T (out > in, so W0's column space leaves room), u a unit vector
 orthogonal to col(W0), v = V0[:, j], and Wt = W0 + c u v^T. Then
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
-from analyses.intruder_math import (
+from analyses.intruders.spectra import (
     EPSILONS,
     effective_rank,
     intruder_similarity,
@@ -30,14 +31,8 @@ from analyses.intruder_math import (
     svd,
     svdvals,
 )
-from analyses.lora_weights import (
-    UnsupportedAdapter,
-    analysis_matrices,
-    layer_index,
-    lora_delta_weights,
-    matrix_kind,
-    paired_matrices,
-)
+from analyses.intruders.lora import UnsupportedAdapter, lora_delta_weights
+from analyses.intruders.matrices import analysis_matrices, layer_index, matrix_kind, paired_matrices
 from conftest import random_model
 from interp.errors import IncompatibleModels
 

@@ -8,6 +8,7 @@ merged-checkpoint path on the zoo, and sanity (integer counts in range, monotone
 lambda = 1 is the tuned model).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -15,8 +16,9 @@ import torch
 
 import interp
 from analyses import intruders
-from analyses.intruder_math import intruder_directions
-from analyses.lora_weights import paired_matrices
+from analyses.intruders.matrices import paired_matrices
+from analyses.intruders.spectra import intruder_directions
+from interp.prompts import PromptSet
 from interp.scoring import answer_scores
 
 pytestmark = pytest.mark.slow
@@ -27,7 +29,7 @@ TUNED = ("full", "lora-r1", "lora-r8", "lora-r64")
 @pytest.fixture(scope="module")
 def results(zoo_built):
     base = interp.load_model("zoo:base")
-    return base, {name: intruders.measure(base, f"zoo:{name}", progress=False) for name in TUNED}
+    return base, {name: intruders.measure(interp.load_pair(base, f"zoo:{name}"), progress=False) for name in TUNED}
 
 
 def test_intruder_counts_full_vs_lora(results):
@@ -52,7 +54,7 @@ def test_intruder_counts_full_vs_lora(results):
 
 def test_adapter_path_equals_merged_checkpoint_on_the_zoo(results):
     base, res = results
-    merged = interp.load_model("zoo:lora-r8")  # PEFT merge_and_unload
+    merged = dataclasses.replace(interp.load_model("zoo:lora-r8"), adapter=None)  # its PEFT-merged weights
     from_merged = intruders.measure(base, merged, progress=False)
     assert from_merged.names == res["lora-r8"].names
     assert torch.equal(from_merged.counts, res["lora-r8"].counts)
@@ -60,7 +62,7 @@ def test_adapter_path_equals_merged_checkpoint_on_the_zoo(results):
 
 
 def test_intruders_along_the_checkpoint_series(zoo_built):
-    series = intruders.measure_series("zoo:base", "zoo:series")
+    series = intruders.measure_series(interp.load_model("zoo:base"), "zoo:series")
     print("\nzoo:series (the full fine-tune), intruders at eps 0.3 / 0.5 / 0.7 and max ||dW||2/s1 per step")
     for step, r in series:
         ratio = float(r.ratio(1).max()) if r.names else 0.0
@@ -93,20 +95,20 @@ def test_lambda_sweeps_on_the_lora_models(results, zoo_built):
           f"target skill {zoo.TARGET_SKILL} (accuracy; 96 prompts)")
     for name in ("lora-r1", "lora-r8", "lora-r64"):
         pair = interp.load_pair(base, f"zoo:{name}")
-        sweep = intruders.lambda_sweep(pair, lams, [e.prompt for e in pre], [e.prompt for e in target],
-                                       [e.answer for e in target], pretrain_answers=[e.answer for e in pre])
+        sweep = intruders.lambda_sweep(pair, PromptSet([e.prompt for e in target], [e.answer for e in target]),
+                                       PromptSet([e.prompt for e in pre], [e.answer for e in pre]), lams=lams)
         total, of_base, of_delta = removed_energy(pair)
-        print(f"zoo:{name}: {sweep['n_intruders']} intruders; their components carry sum s_i^2 = {total:.1f}, of "
+        print(f"zoo:{name}: {sweep.n_intruders} intruders; their components carry sum s_i^2 = {total:.1f}, of "
               f"which W0's ||U_I^T W0||^2 = {of_base:.1f} and delta W's {of_delta:.1f}")
         for i, lam in enumerate(lams):
-            print(f"  lambda {lam:4.2f}: pre-training loss {sweep['pretrain_loss'][i]:.4f} acc "
-                  f"{sweep['pretrain_accuracy'][i]:.3f}   target acc {sweep['target_accuracy'][i]:.3f} "
-                  f"loss {sweep['target_loss'][i]:.4f}")
-        b = sweep["base"]
+            print(f"  lambda {lam:4.2f}: pre-training loss {sweep.pretrain_loss[i]:.4f} acc "
+                  f"{sweep.pretrain_accuracy[i]:.3f}   target acc {sweep.target_accuracy[i]:.3f} "
+                  f"loss {sweep.target_loss[i]:.4f}")
+        b = sweep.base
         print(f"  base       : pre-training loss {b['pretrain_loss']:.4f} acc {b['pretrain_accuracy']:.3f}   target "
               f"acc {b['target_accuracy']:.3f} loss {b['target_loss']:.4f}")
-        lower = [lam for lam, v in zip(lams, sweep["pretrain_loss"]) if lam < 1 and v < sweep["pretrain_loss"][-1]]
+        lower = [lam for lam, v in zip(lams, sweep.pretrain_loss) if lam < 1 and v < sweep.pretrain_loss[-1]]
         print(f"  lambdas < 1 with a lower pre-training-skill loss than lambda = 1: {lower or 'none'}")
         tuned = answer_scores(pair.tuned, [e.prompt for e in target], [e.answer for e in target])
-        assert sweep["target_accuracy"][-1] == pytest.approx(float(tuned.accuracy.mean()), abs=1e-6)
-        assert all(math.isfinite(v) for key in ("pretrain_loss", "target_loss") for v in sweep[key])
+        assert sweep.target_accuracy[-1] == pytest.approx(float(tuned.accuracy.mean()), abs=1e-6)
+        assert all(math.isfinite(v) for key in ("pretrain_loss", "target_loss") for v in getattr(sweep, key))

@@ -1,7 +1,6 @@
 """LID analysis: point clouds (padding, sampling, de-duplication), estimates on them, tangent projection on
 planted manifolds, the on-manifold steering edit, series, results, figures and the CLI."""
 
-import json
 import math
 
 import pytest
@@ -9,9 +8,10 @@ import torch
 
 import interp
 from analyses import lid
-from analyses.lid_estimators import levina_bickel_local, twonn_global, twonn_local
+from analyses.lid.estimators import levina_bickel_local, twonn_global, twonn_local
+from analyses.lid.steering import _scale_for_effect
 from interp.errors import BadPrompts
-from interp.prompts import tokenize
+from interp.prompts import PromptSet, tokenize
 
 from conftest import VOCAB, random_model, save_model, word_tokenizer
 
@@ -224,8 +224,8 @@ def series_dir(tmp_path_factory):
 def test_series_reports_lid_and_task_scores_per_checkpoint(pair, series_dir):
     texts = word_prompts(20, seed=12)
     answers = ["w3 w4"] * len(texts)
-    series = lid.measure_series(None, interp.load_series(series_dir), texts, [0, -1], task=(texts, answers),
-                                k=16, n_tokens=200)
+    series = lid.measure_series(None, interp.load_series(series_dir), texts, [0, -1],
+                                task=PromptSet(texts, answers, "task"), k=16, n_tokens=200)
     assert series.steps == [0, 10, 20] and series.sites == ["resid_post.0", "resid_post.2"]
     first = interp.load_model(series_dir / "step-0000")
     alone = lid.measure(first, texts, -1, k=16, n_tokens=200, progress=False)
@@ -262,7 +262,9 @@ def test_figures_redraw_byte_identically_from_saved_results(pair, tmp_path):
 def test_cli_writes_tables_results_and_figures_that_redraw_identically(pair, model_dirs, series_dir, tmp_path):
     import pandas as pd
 
-    from interp.cli import main
+    from interp.app.cli import main
+    from interp.app.context import load_results
+    from interp.app.lenses import lid as lid_lens
 
     (tmp_path / "task.txt").write_text("\n".join(word_prompts(30, seed=14)) + "\n")
     (tmp_path / "web.txt").write_text("\n".join(word_prompts(20, seed=15)) + "\n")
@@ -274,7 +276,7 @@ def test_cli_writes_tables_results_and_figures_that_redraw_identically(pair, mod
     table = pd.read_csv(out / "lid.csv")
     assert sorted(table.label.unique()) == ["task", "web"] and len(table) == 2 * 2 * 2
     saved = lid.LIDResult.load(out / "results" / "lid" / "task")
-    assert table[table.label == "task"]["mean"].iloc[0] == pytest.approx(saved.mean("gpt2", "resid_post.0"))
+    assert table[table.label == "task"]["mean"].iloc[0] == pytest.approx(saved.mean("base", "resid_post.0"))
     points = pd.read_csv(out / "lid_points.csv")
     assert len(points.query("label == 'task'")) == sum(len(v) for v in saved.lid.values())
     series = pd.read_csv(out / "lid_series.csv")
@@ -286,16 +288,18 @@ def test_cli_writes_tables_results_and_figures_that_redraw_identically(pair, mod
     figures = sorted((out / "figures").iterdir())
     assert {p.suffix for p in figures} == {".pdf", ".png"} and len(figures) == 8
     before = {p.name: p.read_bytes() for p in figures}
-    assert {p.name: p.read_bytes() for p in lid.redraw(out)} == before
-    assert json.loads((out / "results" / "lid" / "order.json").read_text()) == ["task", "web"]
+    assert {p.name: p.read_bytes() for p in lid_lens.redraw(out)} == before
+    saved_all = load_results(out, lid.LIDResult, lid.SeriesResult, lid.SteeringResult)
+    assert list(saved_all) == ["lid/task", "lid/web", "series", "steering"]
+    assert [r.label for k, r in saved_all.items() if k.startswith("lid/")] == ["task", "web"]
 
 
 def test_cli_refuses_a_prompt_set_too_small_for_k(model_dirs, tmp_path, capsys):
-    from interp.cli import main
+    from interp.app.cli import main
 
     (tmp_path / "tiny.txt").write_text("w5 w6 w7\n")
     code = main(["lid", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--prompts",
-                 str(tmp_path / "tiny.txt"), "--no-steer", "--out", str(tmp_path / "out")])
+                 str(tmp_path / "tiny.txt"), "--k", "128", "--no-steer", "--out", str(tmp_path / "out")])
     assert code == 2 and "not more than k=128" in capsys.readouterr().err
 
 
@@ -312,7 +316,7 @@ def test_summary_ignores_undefined_estimates():
 ])
 def test_scale_for_effect_finds_the_scale_or_says_it_cannot(effect, wanted, expected):
     calls = []
-    scale, reached = lid._scale_for_effect(lambda s: calls.append(s) or effect(s), wanted, tolerance=0.01)
+    scale, reached = _scale_for_effect(lambda s: calls.append(s) or effect(s), wanted, tolerance=0.01)
     if math.isnan(expected):
         assert math.isnan(scale)
         return

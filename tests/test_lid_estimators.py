@@ -1,5 +1,5 @@
-"""Tests for analyses.lid_estimators: exactness against brute force, recovery of known
-dimensions, and agreement with scikit-dimension (the reference code's estimator)."""
+"""Tests for analyses.lid.knn and analyses.lid.estimators: exactness against brute force, recovery of
+known dimensions, and agreement with scikit-dimension (the reference code's estimator)."""
 
 import math
 import warnings
@@ -9,16 +9,14 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from analyses.lid_estimators import (
-    deduplicate,
-    distinct_rows,
-    knn,
+from analyses.lid.estimators import (
     levina_bickel_global,
     levina_bickel_local,
     neighbourhood_twonn,
     twonn_global,
     twonn_local,
 )
+from analyses.lid.knn import deduplicate, distinct_rows, knn
 
 EMBEDDING_DIM = 384
 

@@ -8,6 +8,7 @@ import torch
 
 import interp
 from analyses import lid
+from interp.prompts import PromptSet
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,12 @@ def test_lid_per_layer_base_vs_full_on_target_and_pre_training_prompts(sets, tmp
                for label, examples in sets.items()]
     print()
     for r in results:
-        print(f"{r.label} prompts ({len(r.lid['zoo:base', r.sites[-1]])} tokens after de-duplication): mean LID")
+        print(f"{r.label} prompts ({len(r.lid['base', r.sites[-1]])} tokens after de-duplication): mean LID")
         for s in r.sites:
-            base, full = r.mean("zoo:base", s), r.mean("zoo:full", s)
+            base, full = r.mean("base", s), r.mean("full", s)
             change, error = paired_change(r, s)
             print(f"  {s:<13} base {base:6.2f}  full {full:6.2f}  change per token {change:+6.2f} +- {2 * error:.2f} "
-                  f"(global TwoNN base {r.global_id['zoo:base', s]:.2f}, full {r.global_id['zoo:full', s]:.2f})")
+                  f"(global TwoNN base {r.global_id['base', s]:.2f}, full {r.global_id['full', s]:.2f})")
     for r in results:
         for (model, s), values in r.lid.items():
             assert values.isfinite().float().mean() > 0.99 and 0 < r.mean(model, s) < pair.base.d_model
@@ -47,7 +48,7 @@ def paired_change(result, site: str) -> tuple[float, float]:
         keys = zip(result.prompt[model, site].tolist(), result.position[model, site].tolist())
         return dict(zip(keys, result.lid[model, site].tolist()))
 
-    base, full = by_token("zoo:base"), by_token("zoo:full")
+    base, full = by_token("base"), by_token("full")
     diff = torch.tensor([full[t] - base[t] for t in base.keys() & full.keys()])
     diff = diff[diff.isfinite()]
     return float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
@@ -57,8 +58,8 @@ def test_lid_along_the_checkpoint_series_with_target_accuracy(sets, tmp_path):
     zoo_target = sets["target"]
     base = interp.load_model("zoo:base")
     prompts, answers = [e.prompt for e in zoo_target], [e.answer for e in zoo_target]
-    series = lid.measure_series(base, interp.load_series("zoo:series"), prompts, [1, -1], task=(prompts, answers),
-                                task_name="reverse", label="reverse")
+    task = PromptSet(prompts, answers, "reverse")
+    series = lid.measure_series(base, interp.load_series("zoo:series"), task, [1, -1], task=task)
     print("\nzoo:series on target (reverse) prompts:")
     for i, step in enumerate(series.steps):
         cells = "  ".join(f"{s} mean {series.mean[i, j]:.2f} (median {series.median[i, j]:.2f})"
@@ -79,8 +80,7 @@ def test_tangent_vs_raw_steering_with_the_fine_tuning_shift(sets):
     target = [e.prompt for e in sets["target"]]
     steered, reference = target[:128], target[128:] + [e.prompt for e in sets["pre-training"]]
     site = pair.base.n_layers // 2
-    clouds = [lid.point_cloud(m, steered, site, progress=False) for m in pair.models]
-    vector = clouds[1].points.mean(0) - clouds[0].points.mean(0)
+    vector = lid.mean_shift(pair, steered, site)
     result = lid.compare_steering(pair.base, site, vector, steered, reference, effects=[0.05, 0.2, 0.5])
     print(f"\nsteering zoo:base at resid_post.{site} with the mean fine-tuning shift (|v| = {vector.norm():.2f}):")
     print(result.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4g}"))

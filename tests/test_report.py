@@ -7,11 +7,13 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from interp import report
-from interp.cli import main
+from interp.app import lenses, report
+from interp.app.cli import main
+from interp.app.context import Context, Section
 from interp.plotting import figure, save_figure
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -20,7 +22,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def _draw_good(folder: Path) -> list[Path]:
     fig, ax = figure()
     ax[0, 0].plot([0, 1, 2], [1.0, 0.5, 0.25], marker="o")
-    return list(save_figure(fig, Path(folder) / "good"))
+    return list(save_figure(fig, Path(folder) / "figures" / "good"))
 
 
 def _redraw_good(folder: Path) -> list[Path]:
@@ -31,41 +33,40 @@ def _redraw_good(folder: Path) -> list[Path]:
 _redraw_good.calls = 0
 
 
-def _good(ctx: report.Context) -> report.Section:
+def _good(ctx: Context) -> Section:
     ctx.out.mkdir(parents=True)
     _draw_good(ctx.out)
     (ctx.out / "table.csv").write_text("model,value\n" + "".join(f"{m},{i}\n" for i, m in enumerate(ctx.tuned)))
-    return report.Section(ctx.out.name, "Good <analysis>", {"n prompts": len(ctx.target[1].prompts), "x": 0.123456},
-                          [ctx.rel(ctx.out / "good.png")], {"values": ctx.rel(ctx.out / "table.csv")},
-                          steering="steered & measured", redraw=[("test_report:_redraw_good", ctx.rel(ctx.out))])
+    return Section(ctx.out.name, "Good <analysis>", {"n prompts": len(ctx.target.prompts), "x": 0.123456},
+                   ctx.figures("good"), {"values": ctx.table("table")}, steering="steered & measured")
 
 
-def _broken(ctx: report.Context) -> report.Section:
+def _broken(ctx: Context) -> Section:
     raise RuntimeError("injected failure <b>")
 
 
-def _inject(mp: pytest.MonkeyPatch, sections: dict, builders: dict) -> None:
-    from analyses import report_sections
-
-    mp.setattr(report, "SECTIONS", sections)
-    mp.setattr(report_sections, "BUILDERS", {**report_sections.BUILDERS, **builders})
+def _inject(mp: pytest.MonkeyPatch, order: tuple[str, ...], fakes: dict) -> None:
+    """Run the lenses `order`, where the names in `fakes` are stand-in lens modules running those functions."""
+    real = lenses.lens
+    modules = {name: SimpleNamespace(TITLE=name.title(), run=run, redraw=_redraw_good) for name, run in fakes.items()}
+    mp.setattr(lenses, "LENSES", order)
+    mp.setattr(lenses, "lens", lambda name: modules[name] if name in modules else real(name))
 
 
 def test_a_failed_section_is_reported_and_the_others_still_run(model_dirs, tmp_path, monkeypatch):
-    _inject(monkeypatch, {"good": "Good", "broken": "Broken", "missing": "Missing", "good2": "Good again"},
-            {"good": _good, "broken": _broken, "good2": _good})
+    _inject(monkeypatch, ("good", "broken", "good2"), {"good": _good, "broken": _broken, "good2": _good})
     (tmp_path / "p.txt").write_text("w2 w3 w4\nw5 w6\nw7\n")
     out = tmp_path / "report"
     assert main(["report", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--prompts",
                  str(tmp_path / "p.txt"), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     sections = {s["name"]: s for s in summary["sections"]}
-    assert list(sections) == ["good", "broken", "missing", "good2"]
+    assert list(sections) == ["good", "broken", "good2"]
     assert sections["good"]["error"] is None and sections["good2"]["error"] is None
     assert sections["good"]["headline"] == {"n prompts": 3, "x": 0.123456}
     assert sections["broken"]["error"] == "RuntimeError: injected failure <b>"
     assert "Traceback" in (out / "broken" / "error.txt").read_text()
-    assert sections["missing"]["error"].startswith("not available")
+    assert Section.load(out / "good") == Section(**sections["good"])
     page = (out / "index.html").read_text()
     assert "injected failure &lt;b&gt;" in page and "<b>" not in page.replace("<b>Steering.</b>", "")
     assert "0.123" in page and "steered &amp; measured" in page
@@ -77,18 +78,19 @@ def test_a_failed_section_is_reported_and_the_others_still_run(model_dirs, tmp_p
 
 
 def test_only_the_zoo_a_report_names_is_built(tmp_path, monkeypatch):
-    """A real-zoo pair builds the real zoo's named models and its series, not the tiny zoo; a tiny-zoo pair the tiny
-    zoo only."""
+    """A real-zoo pair builds the real zoo's named models and its series, not the tiny zoo; a tiny-zoo pair the
+    tiny zoo's named models and its series, and nothing else."""
     from interp import zoo
+    from interp.app import args
     from interp.zoo import smol
 
     calls = []
     monkeypatch.setattr(zoo, "build", lambda **kw: calls.append(("tiny", kw.get("names"))))
     monkeypatch.setattr(smol, "build_real", lambda **kw: calls.append(("real", kw.get("names"))))
-    monkeypatch.setattr(report, "prompt_sets", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(args, "prompt_sets", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
     for base, tuned, expected in (("zoo:smol", ["zoo:smol-lora-r8"],
                                    [("real", ["smol", "smol-lora-r8", "smol-series"])]),
-                                  ("zoo:base", ["zoo:full"], [("tiny", None)])):
+                                  ("zoo:base", ["zoo:full"], [("tiny", ["base", "full", "series"])])):
         calls.clear()
         with pytest.raises(RuntimeError, match="stop here"):
             report.run_report(tmp_path / "r", base=base, tuned=tuned)
@@ -100,13 +102,10 @@ def test_figures_of_a_folder_without_a_report_exit_2(tmp_path, capsys):
     assert "summary.json missing" in capsys.readouterr().err
 
 
-def test_sections_find_their_builders():
-    from analyses import circuits, report_sections
-
-    for name in ("tuco", "intruders", "shift", "lid"):
-        assert report.builder(name) is report_sections.BUILDERS[name]
-    assert report.builder("circuits") is circuits.report_section
-    assert report.builder("no-such-analysis") is None
+def test_every_lens_has_a_runner():
+    for name in lenses.LENSES:
+        module = lenses.lens(name)
+        assert callable(module.run) and callable(module.redraw) and module.TITLE and module.HELP, name
 
 
 def _assert_static(root: Path) -> None:
@@ -126,16 +125,64 @@ def _assert_static(root: Path) -> None:
 QUICK_TUNED = ("zoo:lora-r8",)  # one tuned model keeps the test short; cross-model code runs all the same
 
 
+SAVED_FIGURES: list[dict] = []
+"""What every figure of the quick report looked like when it was saved (see `_record`)."""
+
+
+def _record(close):
+    """Wrap pyplot.close (which save_figure calls right after writing a figure) to note, per figure: its size,
+    the font sizes of its titles, axis labels, tick labels and legends, and the tick labels of integer axes."""
+    def recording(fig=None):
+        if fig is not None and hasattr(fig, "axes"):
+            SAVED_FIGURES.append({"size": tuple(fig.get_size_inches()), "axes": [_axes_facts(ax) for ax in fig.axes]})
+        return close(fig)
+
+    return recording
+
+
+def _axes_facts(ax) -> dict:
+    legend = ax.get_legend()
+    return {"title": [t.get_fontsize() for t in (ax.title, ax._left_title, ax._right_title) if t.get_text()],
+            "labels": [a.label.get_fontsize() for a in (ax.xaxis, ax.yaxis) if a.label.get_text()],
+            "ticks": [t.get_fontsize() for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()],
+            "legend": [t.get_fontsize() for t in legend.get_texts()] if legend else [],
+            "integer_axes": {a.label.get_text(): [t.get_text() for t in getattr(ax, f"get_{name}ticklabels")()]
+                             for name, a in (("x", ax.xaxis), ("y", ax.yaxis))
+                             if re.fullmatch(r"(layer|head|step|checkpoint step|training step)", a.label.get_text())}}
+
+
 @pytest.fixture(scope="module")
 def quick_report(zoo_built, tmp_path_factory) -> Path:
     """A quick report on the zoo, with a failing section injected between the real ones."""
+    import matplotlib.pyplot as plt
+
     out = tmp_path_factory.mktemp("report") / "report"
-    sections = dict(report.SECTIONS)
-    sections = {"tuco": sections.pop("tuco"), "broken": "Broken", **sections}
+    SAVED_FIGURES.clear()
     with pytest.MonkeyPatch.context() as mp:
-        _inject(mp, sections, {"broken": _broken})
+        _inject(mp, ("tuco", "broken", *lenses.LENSES[1:]), {"broken": _broken})
+        mp.setattr(plt, "close", _record(plt.close))
         report.run_report(out, tuned=QUICK_TUNED, quick=True)
     return out
+
+
+@pytest.mark.slow
+def test_every_figure_is_in_the_paper_style(quick_report):
+    """Standard widths (single or double column), the style's font sizes for every text (titles and labels 8 pt,
+    ticks and legends 7 pt), and integer tick labels on layer, head and step axes."""
+    from interp.plotting import STYLE, WIDTHS
+
+    assert len(SAVED_FIGURES) > 30
+    integer_axes = 0
+    for fig in SAVED_FIGURES:
+        assert round(fig["size"][0], 3) in {round(w, 3) for w in WIDTHS.values()}, fig
+        for ax in fig["axes"]:
+            assert set(ax["title"]) <= {STYLE["axes.titlesize"]} and set(ax["labels"]) <= {STYLE["axes.labelsize"]}
+            assert set(ax["ticks"]) <= {STYLE["xtick.labelsize"]} and set(ax["legend"]) <= {STYLE["legend.fontsize"]}
+            for label, ticks in ax["integer_axes"].items():
+                integer_axes += 1
+                values = [float(t.replace("\u2212", "-")) for t in ticks if t]
+                assert values and all(v == int(v) for v in values), (label, ticks)
+    assert integer_axes >= 5
 
 
 @pytest.mark.slow
@@ -151,7 +198,7 @@ def test_quick_zoo_report_has_every_section_and_its_files(quick_report):
     _assert_static(quick_report)
     # headline numbers are the saved results' numbers
     for label in ("lora-r8",):
-        saved = tuco.TuCoResult.load(quick_report / "tuco" / label / "results" / "reverse")
+        saved = tuco.TuCoResult.load(quick_report / "tuco" / "results" / label / "reverse")
         assert abs(sections["tuco"]["headline"][f"TuCo {label} (reverse)"] - float(saved.tuco().mean())) < 1e-6
         counted = int(intruders.IntruderResult.load(quick_report / "intruders" / "results" / label).count().sum())
         assert sections["intruders"]["headline"][f"intruders {label} (eps 0.5)"] == counted

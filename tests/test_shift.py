@@ -106,9 +106,9 @@ def test_steering_the_base_with_the_shift_reaches_the_tuned_model_and_back(const
     held_out = (GROUP_B[:4], ["w91 w92"] * 4)
     sweep = shift.strength_sweep(pair.base, pair.tuned, GROUP_A, vector, LAYER, [0.0, 0.5, 1.0],
                                  held_out=held_out)
-    assert sweep["kl"][0] == pytest.approx(sweep["kl_unsteered"]) and sweep["kl"][0] > 1e-3
-    assert sweep["kl"][2] <= 1e-8 and sweep["closure"][2] == pytest.approx(1.0) and sweep["kl"][1] < sweep["kl"][0]
-    assert len(sweep["accuracy"]) == 3 and pair.base.edits == []
+    assert sweep.kl[0] == pytest.approx(sweep.kl_unsteered) and sweep.kl[0] > 1e-3
+    assert sweep.kl[2] <= 1e-8 and sweep.closure[2] == pytest.approx(1.0) and sweep.kl[1] < sweep.kl[0]
+    assert len(sweep.accuracy) == 3 and pair.base.edits == []
     with shift.steer(pair.base, vector, LAYER, positions=mask) as steered:  # generation, same positions as tuned
         assert ([g.tolist() for g in interp.generate(steered, PROMPTS, 4)]
                 == [g.tolist() for g in interp.generate(pair.tuned, PROMPTS, 4)])
@@ -139,9 +139,9 @@ def test_concept_wise_steering_reproduces_a_group_specific_shift_that_no_single_
         vector, centroids = shift.steering_vectors(result, LAYER, "global")
         one = shift.strength_sweep(base, tuned, PROMPTS, vector, LAYER, [1.0], positions="last")
     assert centroids is None and torch.allclose(vector, v / 2, atol=1e-4)
-    assert curve["layer"] == LAYER and curve["layer_kl"][str(LAYER)] <= 1e-8 < curve["layer_kl"]["0"]
-    assert curve["kl"][1] <= 1e-8 and curve["closure"][1] == pytest.approx(1.0) and curve["mode"] == "concept"
-    assert one["kl"][0] > 1e-3 and base.edits == []
+    assert curve.layer == LAYER and curve.layer_kl[str(LAYER)] <= 1e-8 < curve.layer_kl["0"]
+    assert curve.kl[1] <= 1e-8 and curve.closure[1] == pytest.approx(1.0) and curve.mode == "concept"
+    assert one.kl[0] > 1e-3 and base.edits == []
     with pytest.raises(ValueError, match="kmeans"):
         shift.steering_vectors(shift.measure(pair, PROMPTS, layers=[LAYER], k=2, method="pca", progress=False),
                                LAYER, "concept")
@@ -173,10 +173,12 @@ def test_result_round_trips_and_figures_redraw_identically(constructed, tmp_path
     loaded = shift.ShiftResult.load(result.save(tmp_path / "r"))
     assert torch.equal(loaded.shifts, result.shifts) and loaded.tokens == result.tokens
     assert loaded.to_frame().equals(result.to_frame())
-    sweep = {"label": "g", "model": "b", "target": "t", "layer": 1, "strength": [0, 1], "kl": [1.0, 0.2],
-             "accuracy": [0.9, 0.8]}
+    assert loaded.settings == result.settings and loaded.settings["k"] == 3
+    sweep = shift.StrengthSweep("g", "b", "t", 1, None, [0.0, 1.0], [1.0, 0.2], 1.0, [0.0, 0.8], [0.9, 0.8])
+    loaded_sweep = shift.StrengthSweep.load(sweep.save(tmp_path / "s"))
+    assert loaded_sweep == sweep
     first = shift.save_figures(result, sweep, tmp_path / "a")
-    second = shift.save_figures(loaded, sweep, tmp_path / "b")
+    second = shift.save_figures(loaded, loaded_sweep, tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second] and len(first) == 8
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes()
@@ -185,7 +187,8 @@ def test_result_round_trips_and_figures_redraw_identically(constructed, tmp_path
 def test_cli_writes_results_tables_and_figures_that_redraw_identically(model_dirs, tmp_path):
     import pandas as pd
 
-    from interp.cli import main
+    from interp.app.cli import main
+    from interp.app.lenses import shift as shift_lens
 
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
@@ -195,12 +198,13 @@ def test_cli_writes_results_tables_and_figures_that_redraw_identically(model_dir
                  "--out", str(out)]) == 0
     table = pd.read_csv(out / "shift.csv")
     assert len(table) == 2 * 3 and table.n.groupby(table.layer).sum().eq(len(PROMPTS)).all()
-    sweep = json.loads((out / "steering.json").read_text())
-    assert sweep["strength"] == [0.0, 1.0] and sweep["accuracy"] is None and sweep["layer"] in (1, 2, "final")
-    assert sweep["mode"] == "concept" and set(sweep["layer_kl"]) == {"1", "2", "final"}
+    sweep = shift.SteeringCurve.load(out / "results" / "tuned" / "steering")
+    assert sweep.strength == [0.0, 1.0] and sweep.accuracy is None and sweep.layer in (1, 2, "final")
+    assert sweep.mode == "concept" and set(sweep.layer_kl) == {"1", "2", "final"}
+    assert json.loads((out / "section.json").read_text())["error"] is None
     before = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
-    assert len(before) == 8
-    assert {p.name: p.read_bytes() for p in shift.redraw(out)} == before
+    assert len(before) == 12  # 4 figures of the model, 2 across models; PDF and PNG each
+    assert {p.name: p.read_bytes() for p in shift_lens.redraw(out)} == before
     assert main(["shift", "--base", model_dirs["gpt2"], "--tuned", model_dirs["gpt2"], "--prompts",
                  str(tmp_path / "p.txt"), "--layers", "7", "--out", str(out)]) == 2
 
@@ -210,10 +214,12 @@ def test_k_by_stability_finds_the_two_planted_groups_and_the_cli_takes_k_auto(mo
     more concepts split a group in seed-dependent ways. `--k auto` writes the table and uses its K."""
     import pandas as pd
 
-    from interp.cli import main
+    from interp.app.cli import main
 
     base = interp.load_model(model_dirs["gpt2"])
-    k, table = shift.choose_k(base, PROMPTS, (2, 4, 6, 8), progress=False)
+    stability = shift.choose_k(base, PROMPTS, (2, 4, 6, 8), progress=False)
+    k, table = stability.k, stability.table()
+    assert shift.KStability.load(stability.save(tmp_path / "k")).table() == table
     assert k == 2 and min(table[2].values()) >= 0.999 and min(table[8].values()) < 0.99
     with pytest.raises(ValueError, match="exceeds the 4 inputs"):
         shift.choose_k(base, PROMPTS[:4], (8,), progress=False)

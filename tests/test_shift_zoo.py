@@ -57,13 +57,13 @@ def test_steering_the_base_with_the_shift_toward_the_tuned_model(zoo_pair):
                                      strengths=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
         curves[mode, positions] = sweep
         print(f"{mode} shift at {positions} positions; train closure per layer "
-              + " ".join(f"{layer}:{c:.3f}" for layer, c in sweep["layer_closure"].items())
-              + f"; steering at {sweep['layer']}, test KL(base || tuned) {sweep['kl_unsteered']:.3f}")
-        for s, kl, c, a in zip(sweep["strength"], sweep["kl"], sweep["closure"], sweep["accuracy"]):
+              + " ".join(f"{layer}:{c:.3f}" for layer, c in sweep.layer_closure.items())
+              + f"; steering at {sweep.layer}, test KL(base || tuned) {sweep.kl_unsteered:.3f}")
+        for s, kl, c, a in zip(sweep.strength, sweep.kl, sweep.closure, sweep.accuracy):
             print(f"  strength {s:4.2f}  KL {kl:.4f}  gap closed {c:7.1%}  {zoo.SKILLS[0]} accuracy {a:.3f}")
-        assert sweep["kl_unsteered"] > 1 and sweep["closure"][0] == 0
-        assert sweep["accuracy"][0] == pytest.approx(base_acc)
-    best = {key: max(sweep["closure"]) for key, sweep in curves.items()}
+        assert sweep.kl_unsteered > 1 and sweep.closure[0] == 0
+        assert sweep.accuracy[0] == pytest.approx(base_acc)
+    best = {key: max(sweep.closure) for key, sweep in curves.items()}
     assert best["concept", "last"] > best["global", "all"] + 0.05 and best["concept", "last"] > best["global", "last"]
     assert best["concept", "last"] >= 0.2
 
@@ -75,7 +75,8 @@ def test_kmeans_concepts_are_stable_across_seeds(zoo_pair):
     same inertia are the ones `choose_k` avoids (the paper's default K = 20 gives about 0.85-0.88 there)."""
     zoo, pair = zoo_pair
     prompts = mixed_prompts(zoo)
-    k, table = shift.choose_k(pair.base, prompts, progress=False)
+    chosen = shift.choose_k(pair.base, prompts, progress=False)
+    k, table = chosen.k, chosen.table()
     print("\nstability (seeds 0, 1, 2), mean matched cosine per layer:")
     for candidate, row in table.items():
         print(f"  K = {candidate:2d}: " + " ".join(f"{v:.3f}" for v in row.values()))
@@ -104,8 +105,8 @@ def test_steering_the_base_toward_the_safety_fine_tune(zoo_built):
     side = zoo.task_prompts(zoo.SKILLS[0], 64, split="test")
     sweep = shift.steering_curve(pair, train, test, mode="concept", positions="last", strengths=[0.0, 0.5, 1.0, 1.5],
                                  held_out=([e.prompt for e in side], [e.answer for e in side]))
-    print(f"\nbase -> safety on {zoo.RESTRICTED}, concept shifts at the last token, layer {sweep['layer']}: test "
-          f"KL {sweep['kl_unsteered']:.3f} unsteered; " + ", ".join(
+    print(f"\nbase -> safety on {zoo.RESTRICTED}, concept shifts at the last token, layer {sweep.layer}: test "
+          f"KL {sweep.kl_unsteered:.3f} unsteered; " + ", ".join(
               f"strength {s:g}: {c:.1%} closed, {zoo.SKILLS[0]} {a:.3f}"
-              for s, c, a in zip(sweep["strength"], sweep["closure"], sweep["accuracy"])))
-    assert sweep["kl_unsteered"] > 1 and sweep["closure"][sweep["strength"].index(1.0)] >= 0.5
+              for s, c, a in zip(sweep.strength, sweep.closure, sweep.accuracy)))
+    assert sweep.kl_unsteered > 1 and sweep.closure[sweep.strength.index(1.0)] >= 0.5

@@ -13,9 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import interp
-from interp.cli import main
+from interp.app.cli import main
 from interp.errors import MissingExtra, ModelNotFound
-from interp.zoo import registry, smol, smol_task
+from interp.zoo import cache, smol, smol_task
+from interp.zoo import smol_source
+from interp.zoo.smol_source import missing_extra
 from interp.zoo.train import answer_accuracy
 
 FINE_TUNES = ("smol-full", "smol-lora-r1", "smol-lora-r8", "smol-lora-r64")
@@ -28,12 +30,12 @@ def tensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 def info(name: str) -> dict:
-    return json.loads((registry.model_path(name) / "zoo.json").read_text())
+    return json.loads((cache.model_path(name) / "zoo.json").read_text())
 
 
 def test_real_zoo_without_the_extra_names_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(smol, "EXTRA", (*smol.EXTRA, "interp_no_such_module"))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(smol_source, "EXTRA", (*smol_source.EXTRA, "interp_no_such_module"))
     for spec in ("zoo:smol", "zoo:smol-lora-r8"):
         with pytest.raises(MissingExtra, match=r"interp_no_such_module not installed.*\.\[real\]"):
             interp.load_model(spec)
@@ -42,8 +44,8 @@ def test_real_zoo_without_the_extra_names_it(tmp_path, monkeypatch, capsys):
     assert main(["zoo", "build", "--real"]) == 2
     assert "'real' extra" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
-    if smol.missing_extra() is None:  # with the extra, an unbuilt real model says how to build it
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    if missing_extra() is None:  # with the extra, an unbuilt real model says how to build it
         with pytest.raises(ModelNotFound, match="interp zoo build --real"):
             interp.load_model("zoo:smol-full")
 
@@ -121,7 +123,7 @@ def test_pairs_adapters_and_series_load(smol_zoo):
     zero = load_file(first / "adapter_model.safetensors")
     assert all(float(v.abs().max()) == 0 for k, v in zero.items() if "lora_B" in k)  # step 0 is the base
     final = load_file(last / "adapter_model.safetensors")
-    adapter = load_file(registry.model_path(smol.SERIES_OF) / "adapter_model.safetensors")
+    adapter = load_file(cache.model_path(smol.SERIES_OF) / "adapter_model.safetensors")
     assert final.keys() == adapter.keys() and all(torch.equal(final[k], adapter[k]) for k in adapter)
     accuracy = [p["accuracy"][smol_task.TASK] for p in meta["checkpoints"]]
     assert accuracy[0] == pytest.approx(info("smol")["accuracy"][smol_task.TASK], abs=0.02)
@@ -132,11 +134,11 @@ def test_pairs_adapters_and_series_load(smol_zoo):
 def test_same_seed_builds_identical_weights(smol_zoo, tmp_path, monkeypatch):
     """Two quick builds (2 steps a fine-tune) from seed 0; the conversion is checked against the cached zoo:smol."""
     a, b = tmp_path / "a", tmp_path / "b"
-    monkeypatch.setenv(registry.ENV_VAR, str(a))
+    monkeypatch.setenv(cache.ENV_VAR, str(a))
     smol.build_real(seed=0, config=QUICK, progress=False)
     b.mkdir()
     _link_tree(a / "smol", b / "smol")  # the conversion is not repeated
-    monkeypatch.setenv(registry.ENV_VAR, str(b))
+    monkeypatch.setenv(cache.ENV_VAR, str(b))
     smol.build_real(seed=0, config=QUICK, progress=False)
     ta, tb = tensors(a), tensors(b)
     steps = {k.split("/")[1] for k in ta if k.startswith("smol-series/")}

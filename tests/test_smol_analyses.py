@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 
 from analyses import intruders
-from interp import report
-from interp.cli import main
-from interp.zoo import registry
+from interp.app import report, zoo_defaults
+from interp.app.cli import main
+from interp.app.page import SUMMARY
+from interp.zoo import cache
 from interp.zoo.smol_task import TASK
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ D_MODEL = 576
 def out(smol_zoo, zoo_built, tmp_path_factory):
     """`interp report --real --only tuco intruders lid` (the tiny zoo's part too, with those analyses)."""
     folder = tmp_path_factory.mktemp("report")
-    assert main(["report", "--real", "--only", *report.REAL_SECTIONS, "--out", str(folder)]) == 0
+    assert main(["report", "--real", "--only", *zoo_defaults.REAL_SECTIONS, "--out", str(folder)]) == 0
     return folder
 
 
@@ -40,12 +41,12 @@ def real(out):
 
 
 def test_the_main_page_carries_the_real_part(out, real):
-    summary = json.loads((out / report.SUMMARY).read_text())
+    summary = json.loads((out / SUMMARY).read_text())
     assert summary["parts"] == [{"folder": "real", "title": "Real model: SmolLM2-135M-Instruct (zoo:smol)"}]
-    part = json.loads((real / report.SUMMARY).read_text())
-    assert part["base"] == "zoo:smol" and list(part["tuned"].values()) == list(report.REAL_TUNED)
+    part = json.loads((real / SUMMARY).read_text())
+    assert part["base"] == "zoo:smol" and list(part["tuned"].values()) == list(zoo_defaults.REAL_TUNED)
     assert part["series"] == "zoo:smol-series" and part["prompt_sets"] == {TASK: 64, "prose": 24}
-    assert [s["name"] for s in part["sections"]] == list(report.REAL_SECTIONS)
+    assert [s["name"] for s in part["sections"]] == list(zoo_defaults.REAL_SECTIONS)
     assert all(s["error"] is None for s in part["sections"]), [s["error"] for s in part["sections"]]
     page = (out / "index.html").read_text()
     assert 'href="real/index.html"' in page
@@ -57,7 +58,8 @@ def test_the_main_page_carries_the_real_part(out, real):
 
 def test_intruders_full_vs_lora_ranks(real):
     folder = real / "intruders"
-    labels = json.loads((folder / "intruders.json").read_text())["results"]
+    labels = [key for key in json.loads((folder / "results" / "index.json").read_text())
+              if key != "lambda_sweep" and not key.startswith("series/")]
     res = {label: intruders.IntruderResult.load(folder / "results" / label) for label in labels}
     print(f"\nintruders among the top k=10 of the {len(res['smol-full'].names)} changed matrices of zoo:smol")
     print(intruders.counts_table(res))
@@ -76,7 +78,7 @@ def test_intruders_full_vs_lora_ranks(real):
 
 
 def test_intruders_along_the_series(real):
-    meta = json.loads((registry.model_path("smol-series") / "zoo.json").read_text())
+    meta = json.loads((cache.model_path("smol-series") / "zoo.json").read_text())
     accuracy = {p["step"]: p["accuracy"][TASK] for p in meta["checkpoints"]}
     series = pd.read_csv(real / "intruders" / "intruder_series.csv")
     print(f"\nintruders along the {meta['of']} run (k=10): step, task accuracy, count at eps 0.3 / 0.5 / 0.7, "
@@ -93,7 +95,7 @@ def test_tuco_on_task_prompts_vs_prose(real):
     frame = pd.read_csv(real / "tuco" / "tuco_models.csv")
     print("\nTuCo at the last token, mean (std) over prompts")
     print(frame.pivot(index="model", columns="label", values="mean").round(4).to_string())
-    assert set(frame.model) == {name.removeprefix("zoo:") for name in report.REAL_TUNED}
+    assert set(frame.model) == {name.removeprefix("zoo:") for name in zoo_defaults.REAL_TUNED}
     assert set(frame.label) == {TASK, "prose"}
     assert ((frame["mean"] >= 0) & (frame["mean"] <= 1)).all()
 
@@ -120,23 +122,21 @@ def test_the_clis_default_to_the_real_zoos_own_task_on_real_zoo_models(smol_zoo)
     """On zoo:smol the analyses' defaults are zorbish and the smol fine-tunes, never the tiny zoo's tasks: LoFiT
     trains on train-split zorbish examples, circuits' default pairs are held-out zorbish prompts, intruders compares
     the smol fine-tunes, and the shift sweep has no tiny-zoo side skill."""
-    import argparse
-
-    from analyses import circuits, shift
     from interp import load_model
+    from interp.app.lenses import shift as shift_lens
     from interp.zoo import default_prompts
-    from interp.zoo.tasks import split_of
     from interp.zoo.smol_task import PREFIX, dictionary
+    from interp.zoo.tasks import split_of
 
     smol = load_model("zoo:smol")
-    prompts, answers = circuits.lofit_examples(smol, "zoo:smol-full", 16)
+    examples = zoo_defaults.lofit_examples("zoo:smol-full", smol.tokenizer, 16)
+    prompts, answers = examples.prompts, examples.answers
     codes = set(dictionary(smol.tokenizer).values())
     assert all(p.startswith(PREFIX) and split_of(p) == "train" for p in prompts)
     assert all(set(a.split()) <= codes for a in answers)
     held_out = next(iter(default_prompts("zoo:smol-full", 16).values()))[0]
     assert all(p.startswith(PREFIX) and split_of(p) == "test" for p in held_out)
-    assert intruders.zoo_fine_tunes("zoo:smol") == (
-        ["zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64"], "zoo:smol-series",
-        "zoo:smol-lora-r1")
-    assert shift._held_out(argparse.Namespace(prompts=None, tuned="zoo:smol-full", n_prompts=8)) is None
-    assert shift._held_out(argparse.Namespace(prompts=None, tuned="zoo:full", n_prompts=8)) is not None
+    assert zoo_defaults.tuned_and_series("zoo:smol") == (
+        ("zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64"), "zoo:smol-series")
+    assert shift_lens.held_out(zoo_defaults.prompt_sets("zoo:smol-full", 8)) is None
+    assert shift_lens.held_out(zoo_defaults.prompt_sets("zoo:full", 8)) is not None

@@ -103,8 +103,11 @@ def test_result_round_trips_and_figures_redraw_identically(unrelated, tmp_path):
     result = tuco.measure(unrelated, TEXTS, label="task", progress=False)
     loaded = tuco.TuCoResult.load(result.save(tmp_path / "r"))
     assert torch.equal(loaded.tuco(), result.tuco()) and loaded.prompts == TEXTS and loaded.label == "task"
-    first = tuco.save_figures([result, loaded], {"alpha": [0, 1], "metric": "m", "value": [0.1, 0.9]}, tmp_path / "a")
-    second = tuco.save_figures([loaded, loaded], {"alpha": [0, 1], "metric": "m", "value": [0.1, 0.9]}, tmp_path / "b")
+    sweep = tuco.AlphaSweep("tuned", [0.0, 1.0], "m", [0.1, 0.9], settings={"prompts": 3})
+    swept = tuco.AlphaSweep.load(sweep.save(tmp_path / "s"))
+    assert swept == sweep and swept.settings == {"prompts": 3}
+    first = tuco.save_figures([result, loaded], sweep, tmp_path / "a")
+    second = tuco.save_figures([loaded, loaded], swept, tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second]
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes()
@@ -113,7 +116,9 @@ def test_result_round_trips_and_figures_redraw_identically(unrelated, tmp_path):
 def test_cli_writes_results_tables_and_figures_that_redraw_identically(unrelated, model_dirs, tmp_path):
     import pandas as pd
 
-    from interp.cli import main
+    from interp.app.cli import main
+    from interp.app.lenses import tuco as tuco_lens
+    from interp.models import model_label
 
     (tmp_path / "task.txt").write_text("\n".join(TEXTS[:3]) + "\n")
     (tmp_path / "web.txt").write_text("w20 w21 w22\nw30 w31\n")
@@ -124,11 +129,11 @@ def test_cli_writes_results_tables_and_figures_that_redraw_identically(unrelated
     table = pd.read_csv(out / "tuco.csv")
     assert sorted(table.label.unique()) == ["task", "web"] and len(table) == 5
     assert table.tuco.between(0, 1).all()
-    sweep = __import__("json").loads((out / "alpha_sweep.json").read_text())
+    sweep = tuco.AlphaSweep.load(out / "results" / model_label(tuned_dir) / "alpha_sweep")
     own = interp.capture(unrelated.tuned, TEXTS[:3], [], positions="last", logits=True)["logits"].softmax(-1)
-    assert sweep["alpha"] == [0.0, 1.0] and abs(sweep["value"][1] - float(own.max(-1).values.mean())) < 1e-5
+    assert sweep.alpha == [0.0, 1.0] and abs(sweep.value[1] - float(own.max(-1).values.mean())) < 1e-5
     figures = sorted((out / "figures").iterdir())
-    assert {p.suffix for p in figures} == {".pdf", ".png"} and len(figures) == 6
+    assert {p.suffix for p in figures} == {".pdf", ".png"} and len(figures) == 10  # 3 of the model, 2 across models
     before = {p.name: p.read_bytes() for p in figures}
-    redrawn = tuco.redraw(out)
+    redrawn = tuco_lens.redraw(out)
     assert {p.name: p.read_bytes() for p in redrawn} == before

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 import interp.zoo as zoo
 import interp.zoo.registry as registry
+from interp.zoo import cache
 from interp.zoo.tasks import split_of
 from interp.zoo.train import LORA_TARGETS, answer_accuracy
 
@@ -33,7 +34,7 @@ def tensors(root: Path) -> dict[str, torch.Tensor]:
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zoo-a")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(registry.ENV_VAR, str(root))
+        mp.setenv(cache.ENV_VAR, str(root))
         zoo.build(seed=0, config=TINY, progress=False)
     return root
 
@@ -100,7 +101,7 @@ def test_attack_prompts_fill_the_context_before_their_clean_prompt() -> None:
 # --- the tiny build --------------------------------------------------------------------------
 
 def test_build_is_bit_for_bit_reproducible(tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
     zoo.build(seed=0, config=TINY, progress=False)
     a, b = tensors(tiny_zoo), tensors(tmp_path)
     assert len(a) > 100 and a.keys() == b.keys()
@@ -109,7 +110,7 @@ def test_build_is_bit_for_bit_reproducible(tiny_zoo: Path, tmp_path: Path, monke
 
 
 def test_another_seed_gives_other_weights(tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
     zoo.build(seed=1, names=["base"], config=TINY, progress=False)
     a, b = tensors(tiny_zoo / "base"), tensors(tmp_path / "base")
     key = "model.safetensors::transformer.wte.weight"
@@ -117,7 +118,7 @@ def test_another_seed_gives_other_weights(tiny_zoo: Path, tmp_path: Path, monkey
 
 
 def test_tiny_zoo_layout(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tiny_zoo))
+    monkeypatch.setenv(cache.ENV_VAR, str(tiny_zoo))
     listed = {m["name"]: m for m in zoo.list_models()}
     assert list(listed) == list(zoo.MODEL_NAMES) and all(m["built"] for m in listed.values())
     for name in zoo.MODEL_NAMES:
@@ -152,7 +153,7 @@ def test_lora_merges_into_targeted_modules_only(tiny_zoo: Path, name: str) -> No
 
 
 def test_cached_models_are_reused(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tiny_zoo))
+    monkeypatch.setenv(cache.ENV_VAR, str(tiny_zoo))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was retrained")
@@ -165,14 +166,14 @@ def test_cached_models_are_reused(tiny_zoo: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
-    save = registry._save
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    save = cache.save
 
     def save_then_crash(model, tokenizer, folder, info):
         save(model, tokenizer, folder, info)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry, "_save", save_then_crash)
+    monkeypatch.setattr(cache, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         zoo.build(seed=0, names=["base"], config=TINY, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -181,14 +182,14 @@ def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path: Path, monke
 
 
 def test_model_path_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
     assert zoo.zoo_dir() == tmp_path
     with pytest.raises(ValueError, match="valid names: base, full"):
         zoo.model_path("lora-r2")
     with pytest.raises(FileNotFoundError, match="not built yet"):
         zoo.model_path("full")
     assert zoo.is_lora("lora-r8") and not zoo.is_lora("full")
-    monkeypatch.delenv(registry.ENV_VAR)
+    monkeypatch.delenv(cache.ENV_VAR)
     assert zoo.zoo_dir() == Path.home() / ".cache" / "interp" / "zoo"
 
 

@@ -1,80 +1,25 @@
 """nnsight backend: canonical sites -> module inputs/outputs of the Hugging Face model, traced with nnsight.
 
-Works on any decoder whose layers follow the usual pre-norm layout (GPT-2, Llama, Qwen2, Mistral, ...):
-found by attribute names in `architecture()`, the one place that knows them. Nothing here stops a user
-from running the same trace remotely on NDIF (no local-only state is read inside the trace but weights).
+Which module holds which site comes from the model's family (`interp.backends.architectures`, the one place that
+knows module names); each layer's sites are visited in the order its forward produces them, as nnsight needs.
+Nothing here stops a user from running the same trace remotely on NDIF (no local-only state is read inside the
+trace but weights).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from einops import einsum, rearrange
 from torch import nn
 
 from interp.backends import Metric, RunOutput
-from interp.errors import IncompatibleModels
+from interp.backends.architectures import Architecture, architecture, post_norm_scale
 from interp.backends.blending import blending
 from interp.intervene import Edit, by_site, split
 from interp.prompts import Batch
 from interp.sites import Site
 
-_NAMES = {
-    "attn": ("self_attn", "attn", "attention"),
-    "mlp": ("mlp", "feed_forward"),
-    "norm2": ("post_attention_layernorm", "ln_2"),
-    "o_proj": ("o_proj", "c_proj", "dense", "out_proj"),
-    "final_norm": ("norm", "ln_f", "final_layernorm"),
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Attribute paths (dotted, relative to the model) of the modules the sites live on."""
-
-    embed_tokens: str
-    embeddings: tuple[str, ...]
-    unembed: str
-    layers: str
-    attn: str
-    mlp: str
-    norm2: str
-    o_proj: str
-    final_norm: str
-    n_heads: int
-    o_proj_is_conv1d: bool
-
-
-def _child(module: nn.Module, role: str, where: str) -> str:
-    for name in _NAMES[role]:
-        if isinstance(getattr(module, name, None), nn.Module):
-            return name
-    raise IncompatibleModels(f"nnsight backend: no {role} module ({'/'.join(_NAMES[role])}) in {where}; "
-                             f"this architecture is not supported, use backend='bridge'")
-
-
-def architecture(hf: nn.Module) -> Architecture:
-    """Locate the decoder layers and their sub-modules by name in a Hugging Face causal LM."""
-    n_layers = hf.config.num_hidden_layers
-    layers = next((name for name, m in hf.named_modules()
-                   if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
-    if layers is None:
-        raise IncompatibleModels(f"nnsight backend: no list of {n_layers} layers in {type(hf).__name__}")
-    parent = hf.get_submodule(layers.rpartition(".")[0])
-    layer0 = hf.get_submodule(layers)[0]
-    attn = _child(layer0, "attn", "layer 0")
-    o_proj = _child(layer0.get_submodule(attn), "o_proj", f"layer 0's {attn}")
-    o_module = layer0.get_submodule(attn).get_submodule(o_proj)
-    named = dict(hf.named_modules())
-    embed_tokens = next(name for name, m in named.items() if m is hf.get_input_embeddings())
-    embeddings = tuple(name for name, m in named.items()
-                       if isinstance(m, nn.Embedding) and not name.startswith(layers))
-    unembed = next(name for name, m in named.items() if m is hf.get_output_embeddings())
-    return Architecture(
-        embed_tokens=embed_tokens, embeddings=embeddings, unembed=unembed, layers=layers, attn=attn, mlp=_child(layer0, "mlp", "layer 0"), norm2=_child(layer0, "norm2", "layer 0"),
-        o_proj=f"{attn}.{o_proj}", final_norm=f"{layers.rpartition('.')[0]}.{_child(parent, 'final_norm', 'the model')}",
-        n_heads=hf.config.num_attention_heads, o_proj_is_conv1d=type(o_module).__name__ == "Conv1D")
+__all__ = ["Architecture", "architecture", "run"]
 
 
 def _envoy(root, path: str):
@@ -112,37 +57,75 @@ def _edit_output(envoy, edits, batch: Batch):
     return x, x
 
 
-def _visit(nn_model, arch: Architecture, s: Site, edits, batch: Batch):
-    """Read site `s` inside a trace, applying `edits`; returns (activation, tensor whose grad is the site's)."""
-    if s.kind == "final":
-        return _edit_output(_envoy(nn_model, arch.final_norm), edits, batch)
-    layer = _envoy(nn_model, arch.layers)[s.layer]
-    if s.kind == "resid_pre":
-        x = _apply(edits, layer.input, batch)
-        if edits:
-            layer.input = x
-        return x, x
-    if s.kind == "head_out":
+def _layer(nn_model, arch: Architecture, index: int, kinds: set[str], edits_at: dict, batch: Batch,
+           graph: bool) -> dict[str, tuple]:
+    """Read (and edit) the sites `kinds` of one layer inside a trace, module by module in forward order; returns
+    {kind: (activation, tensor whose grad is the site's)}. See `interp.backends.architectures` for what each
+    site is on each layout."""
+    layer = _envoy(nn_model, arch.layers)[index]
+    at = {kind: edits_at.get(Site(kind, index), ()) for kind in kinds}
+    live: dict[str, tuple] = {}
+    virtual_mid = arch.parallel and "resid_mid" in kinds
+    pre = None
+    if "resid_pre" in kinds or virtual_mid:
+        pre = _apply(at.get("resid_pre", ()), layer.input, batch)
+        if at.get("resid_pre"):
+            layer.input = pre
+        live["resid_pre"] = (pre, pre)
+    heads = o_proj = y = None
+    if "head_out" in kinds:
         o_proj = _envoy(layer, arch.o_proj)
         w_o = _w_o(o_proj._module, arch.n_heads, arch.o_proj_is_conv1d)
         z = rearrange(o_proj.input, "b p (head d_head) -> b p head d_head", head=arch.n_heads)
-        heads = _apply(edits, einsum(z, w_o, "b p head d_head, head d_head d_model -> b p head d_model"), batch)
-        if edits:
-            o_proj.output = heads.sum(2) + _bias(o_proj._module)
-        return heads, o_proj.output
-    if s.kind == "attn_pattern":
+        heads = einsum(z, w_o, "b p head d_head, head d_head d_model -> b p head d_model")
+        if arch.attn_post_norm is None:
+            heads = _apply(at["head_out"], heads, batch)
+            if at["head_out"]:
+                o_proj.output = heads.sum(2) + _bias(o_proj._module)
+            live["head_out"] = (heads, o_proj.output)
+        else:
+            y = o_proj.output  # the post-norm's input: its scale makes the heads' shares of attn_out
+    if "attn_pattern" in kinds:
         pattern = _envoy(layer, arch.attn).output[1]
-        return pattern, pattern
-    if s.kind == "attn_out":
-        return _edit_output(_envoy(layer, arch.attn), edits, batch)
-    if s.kind == "resid_mid":  # edited in place: the layer keeps this tensor as its residual
-        x = _envoy(layer, arch.norm2).input
-        if edits:
-            x[:] = _apply(edits, x.clone(), batch)
-        return x, x
-    if s.kind == "mlp_out":
-        return _edit_output(_envoy(layer, arch.mlp), edits, batch)
-    return _edit_output(layer, edits, batch)
+        live["attn_pattern"] = (pattern, pattern)
+    if arch.attn_post_norm is not None and ("head_out" in kinds or "attn_out" in kinds):
+        norm = _envoy(layer, arch.attn_post_norm)
+        x, changed = norm.output, False
+        if "head_out" in kinds:
+            scale = post_norm_scale(arch, norm._module, y)
+            heads = _apply(at["head_out"], heads * scale[:, :, None], batch)
+            if at["head_out"]:
+                x, changed = heads.sum(2) + _bias(o_proj._module) * scale, True
+            live["head_out"] = (heads, x)
+        if at.get("attn_out"):
+            x, changed = _apply(at["attn_out"], x, batch), True
+        if changed:
+            norm.output = x
+        live["attn_out"] = (x, x)
+    elif "attn_out" in kinds or virtual_mid:
+        attn = _envoy(layer, arch.attn)
+        out = attn.output
+        x = _apply(at.get("attn_out", ()), _first(out), batch)
+        changed = bool(at.get("attn_out"))
+        live["attn_out"] = (x, x)
+        if virtual_mid:  # resid_mid = resid_pre + attn_out; edited (or differentiated) through attn_out
+            mid = pre + x
+            if at["resid_mid"] or graph:
+                mid = _apply(at["resid_mid"], mid, batch)
+                x, changed = mid - pre, True
+            live["resid_mid"] = (mid, mid)
+        if changed:
+            attn.output = (x, *out[1:]) if isinstance(out, tuple) else x
+    if "resid_mid" in kinds and not arch.parallel:  # edited in place: the layer keeps this tensor as its residual
+        x = _envoy(layer, arch.resid_mid).input
+        if at["resid_mid"]:
+            x[:] = _apply(at["resid_mid"], x.clone(), batch)
+        live["resid_mid"] = (x, x)
+    if "mlp_out" in kinds:
+        live["mlp_out"] = _edit_output(_envoy(layer, arch.mlp_out), at["mlp_out"], batch)
+    if "resid_post" in kinds:
+        live["resid_post"] = _edit_output(layer, at["resid_post"], batch)
+    return {kind: live[kind] for kind in kinds}
 
 
 def _site_grad(value: torch.Tensor, grad: torch.Tensor, s: Site) -> torch.Tensor:
@@ -173,7 +156,13 @@ def _trace_body(nn_model, arch, sites, read, edits_at, batch, metric, out: dict)
     """Everything that runs inside the trace; results go into `out` (saved values)."""
     if metric is not None:
         _envoy(nn_model, arch.embed_tokens).output.requires_grad_(True)
-    live = {s: _visit(nn_model, arch, s, edits_at.get(s, ()), batch) for s in sites}
+    live: dict[Site, tuple] = {}
+    for index in sorted({s.layer for s in sites if s.layer is not None}):
+        kinds = {s.kind for s in sites if s.layer == index}
+        live.update({Site(kind, index): v for kind, v in
+                     _layer(nn_model, arch, index, kinds, edits_at, batch, metric is not None).items()})
+    if Site("final") in sites:
+        live[Site("final")] = _edit_output(_envoy(nn_model, arch.final_norm), edits_at.get(Site("final"), ()), batch)
     for s in sites:
         if s in read:
             out["acts"][s] = live[s][0].save()
@@ -183,7 +172,14 @@ def _trace_body(nn_model, arch, sites, read, edits_at, batch, metric, out: dict)
         return
     value = metric(logits, batch)
     out["metric"] = value.save()
-    with value.backward():
-        for s in reversed(sites):
-            if s in read and s.kind != "attn_pattern":
-                out["grads"][s] = live[s][1].grad.save()
+    with value.backward():  # gradients are asked for in the order backward reaches them
+        for s in sorted((s for s in sites if s in read), key=_backward_order):
+            out["grads"][s] = live[s][1].grad.save()
+
+
+def _backward_order(s: Site) -> tuple[int, int]:
+    """Later sites first; within a layer head_out's gradient (taken at the attention output) before the pattern's."""
+    layer, kind = s.order_key()
+    if s.kind in ("head_out", "attn_pattern"):
+        kind = Site("attn_out", 0).order_key()[1] - (0.5 if s.kind == "head_out" else 1)
+    return (-layer, -kind)

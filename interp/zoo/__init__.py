@@ -7,8 +7,9 @@ and a `safety`-style fine-tune that refuses `add` prompts, with a prefix attack 
 `zoo:smol`, and its fine-tunes: `REAL_NAMES`) is built by `interp.zoo.smol.build_real` with the `real` extra.
 """
 
-from interp.zoo.registry import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, build, in_real_zoo, in_tiny_zoo, is_lora,
-                                 list_models, model_path, zoo_dir)
+from interp.zoo.cache import (ALL_NAMES, MODEL_NAMES, REAL_NAMES, base_of, in_real_zoo, in_tiny_zoo, is_lora, list_models,
+                              model_path, zoo_dir)
+from interp.zoo.registry import build
 from interp.zoo.defaults import default_prompts
 from interp.zoo.safety import RESTRICTED, Attack, attack_prompts, attack_success, refused
 from interp.zoo.tasks import REFUSAL, SKILLS, TARGET_SKILL, Example, task_prompts

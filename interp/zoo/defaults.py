@@ -7,7 +7,7 @@ probe, no answers). Both give answers where the task has them.
 
 from __future__ import annotations
 
-from interp.zoo.registry import REAL_NAMES, model_path
+from interp.zoo.cache import REAL_NAMES, model_path
 from interp.zoo.tasks import SKILLS, TARGET_SKILL, task_prompts
 
 PromptSets = dict[str, tuple[list[str], list[str] | None]]

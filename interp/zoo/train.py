@@ -108,14 +108,15 @@ def train(
     lr: float,
     warmup: int,
     desc: str,
-    progress: bool = True,
+    progress: bool | tqdm = True,
     on_step: Callable[[int], None] | None = None,
     pad_id: int = VOCAB.index(PAD),
 ) -> float:
     """AdamW on the trainable parameters, linear warm-up then linear decay to 0, grad-norm clip 1.
 
     `on_step(step)` is called after every update (step counts from 1); tokens `pad_id` are masked out of
-    attention. Returns the wall time, s.
+    attention. `progress`: a bar of its own (True), none (False), or a shared bar (a tqdm) that every step
+    advances by one, labelled `desc`. Returns the wall time, s.
     """
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,7 +126,10 @@ def train(
         opt, lambda s: max(0.0, min((s + 1) / max(warmup, 1), (steps - s) / max(steps - warmup, 1)))
     )
     model.train()
-    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
+    shared = progress if isinstance(progress, tqdm) else None
+    if shared is not None:
+        shared.set_postfix_str(desc)
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=shared is not None or not progress, leave=False):
         input_ids, labels = batches()
         logits = model(input_ids=input_ids, attention_mask=(input_ids != pad_id).long()).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
@@ -136,6 +140,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step)
+        if shared is not None:
+            shared.update(1)
     model.eval()
     return time.perf_counter() - start
 

@@ -17,7 +17,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     import interp
-    from analyses import circuit_patching as cp
+    from analyses.circuits import patching as cp
+    from interp.app import zoo_defaults
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="zoo:base")
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     model = interp.load_model(args.model, device=args.device)
-    tp = cp.tokenize_pairs(model, cp.zoo_pairs(args.skill, args.n))
+    tp = cp.tokenize_pairs(model, zoo_defaults.circuit_pairs(args.skill, args.n))
     sites = cp.component_sites(model, ("head", "mlp") if args.mlps else ("head",))
     times = {"activation": [], "attribution": []}
     results = {}

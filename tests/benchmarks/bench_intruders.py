@@ -26,8 +26,8 @@ from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from analyses import intruders
-from analyses.intruder_math import iter_reports
-from analyses.lora_weights import matrix_kind, paired_matrices
+from analyses.intruders.matrices import matrix_kind, paired_matrices
+from analyses.intruders.spectra import iter_reports
 from interp.models import Model
 
 
@@ -49,7 +49,7 @@ def gpt2_pair(layers: int, d: int, rank: int, seed: int = 0) -> tuple[Model, Mod
     return Model(base.eval(), tokenizer, "base"), Model(tuned.eval(), tokenizer, "tuned")
 
 
-def tall(W):  # the orientation `intruder_math.svd` / `svdvals` decompose
+def tall(W):  # the orientation `intruders.spectra.svd` / `svdvals` decompose
     return W.mT if W.shape[0] < W.shape[1] else W
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: pointwise TwoNN of `analyses.lid_estimators` against scikit-dimension's.
+"""Benchmark: pointwise TwoNN of `analyses.lid.estimators` against scikit-dimension's.
 
 Run on demand, not under pytest:
 
@@ -20,7 +20,8 @@ import warnings
 import numpy as np
 import torch
 
-from analyses.lid_estimators import MEMORY_BUDGET, twonn_local
+from analyses.lid.estimators import twonn_local
+from analyses.lid.knn import MEMORY_BUDGET
 
 
 def cloud(n: int, dim: int, intrinsic: int, seed: int) -> np.ndarray:

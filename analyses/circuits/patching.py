@@ -1,4 +1,4 @@
-"""Clean/corrupt prompt pairs, activation patching, attribution patching and edge attribution (EAP, EAP-IG).
+"""Clean/corrupt prompt pairs, metrics, activation patching and attribution patching.
 
 A pair is a clean prompt and a corrupt one of the same token length, an answer token (right on the clean
 prompt) and a wrong token (right on the corrupt one). Metrics, at each prompt's last token:
@@ -27,9 +27,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.capture import capture
-from interp.errors import BadPrompts
+from interp.errors import BadOption, BadPrompts
 from interp.intervene import replace
-from interp.prompts import Tokens, tokenize
+from interp.prompts import Tokens, as_tokens
 from interp.sites import Site, site
 
 METRICS = ("logit_diff", "prob", "loss")
@@ -41,7 +41,7 @@ DIRECTIONS = ("denoising", "noising")
 @dataclass
 class PromptPairs:
     """Texts of clean/corrupt pairs and their answer / wrong tokens, one token each, written as the tokenizer
-    spells them after the prompt (e.g. " Paris" for a BPE tokenizer, "a" for the zoo's word tokenizer)."""
+    spells them after the prompt (e.g. " Paris" for a BPE tokenizer, "a" for a word-level tokenizer)."""
 
     clean: list[str]
     corrupt: list[str]
@@ -83,30 +83,6 @@ def read_pairs(path: str | Path) -> PromptPairs:
     return PromptPairs(*([r[k] for r in rows] for k in ("clean", "corrupt", "answer", "wrong")))
 
 
-def zoo_pairs(skill: str = "copy", n: int = 64, *, given: int = 1, seed: int = 0, split: str = "test") -> PromptPairs:
-    """Zoo pairs: the prompt followed by its first `given` answer words; the answer is answer word `given`.
-    The corrupt prompt is another example of the skill with the same number of words whose answer word
-    differs (for copy: the sequence resampled), so clean and corrupt tokenise to the same length."""
-    from interp.zoo.tasks import task_prompts
-
-    rng = random.Random(f"pairs/{skill}/{seed}")
-    pool = task_prompts(skill, 8 * n, seed=seed + 1, split=split)
-    out = PromptPairs([], [], [], [])
-    for ex in task_prompts(skill, n, seed=seed, split=split):
-        words = ex.answer.split()
-        if len(words) <= given:
-            raise BadPrompts(f"zoo skill {skill!r}: answers have {len(words)} words, cannot give {given}")
-        clean = " ".join([ex.prompt, *words[:given]])
-        match = [e for e in pool if len(e.prompt.split()) == len(ex.prompt.split())
-                 and len(e.answer.split()) > given and e.answer.split()[given] != words[given]]
-        other = rng.choice(match)
-        out.clean.append(clean)
-        out.corrupt.append(" ".join([other.prompt, *other.answer.split()[:given]]))
-        out.answer.append(words[given])
-        out.wrong.append(other.answer.split()[given])
-    return out
-
-
 def pairs_from_answers(model, prompts: Sequence[str], answers: Sequence[str], seed: int = 0) -> PromptPairs:
     """Pairs from a prompt set with answers: each prompt's corrupt partner is another prompt of the same token
     length whose first answer token differs; answer and wrong are the two first answer tokens. Prompts without
@@ -142,8 +118,7 @@ class TokenPairs:
 
 def tokenize_pairs(model, pairs: PromptPairs) -> TokenPairs:
     """Tokenise once; raises BadPrompts if a corrupt prompt's length differs or an answer is not one token."""
-    clean = tokenize(model.tokenizer, pairs.clean, max_length=model.n_ctx)
-    corrupt = tokenize(model.tokenizer, pairs.corrupt, max_length=model.n_ctx)
+    clean, corrupt = as_tokens(model, pairs.clean), as_tokens(model, pairs.corrupt)
     bad = (clean.lengths != corrupt.lengths).nonzero().flatten().tolist()
     if bad:
         raise BadPrompts(f"pair {bad[0]}: clean has {int(clean.lengths[bad[0]])} tokens, corrupt "
@@ -173,7 +148,7 @@ def metric_of(logits: Float[Tensor, "pair vocab"], answer: Tensor, wrong: Tensor
         return logp.exp()
     if metric == "loss":
         return -logp
-    raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    raise BadOption(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
 
 
 def metric_values(model, tokens: Tokens, tp: TokenPairs, metric: str, edits: Sequence = (),
@@ -195,7 +170,7 @@ def _grad_metric(tp: TokenPairs, metric: str):
 def _runs(direction: str, tp: TokenPairs) -> tuple[Tokens, Tokens]:
     """(base run, source run): noising patches corrupt into clean, denoising clean into corrupt."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+        raise BadOption(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
     return (tp.clean, tp.corrupt) if direction == "noising" else (tp.corrupt, tp.clean)
 
 

@@ -1,10 +1,8 @@
-"""Local intrinsic dimension estimators: exact k-NN, pointwise TwoNN, Levina-Bickel.
+"""Local intrinsic dimension estimators: pointwise TwoNN and Levina-Bickel, on the exact k-NN of `knn`.
 
-The numerical core of the LID analysis (METHODS.md section 5; Ruppik et al. 2025). Every
-function takes a point cloud, rows are points, distances are Euclidean in the units of the
-input. Work runs on ``device`` (default: the input's) in ``dtype`` (float32 by default, float64
-for reference-grade numbers), in row chunks sized from ``memory_budget`` bytes, so N in the
-hundreds of thousands fits and the N x N distance matrix is never built.
+The numerical core of the LID analysis (METHODS.md section 5; Ruppik et al. 2025). Every function takes a point
+cloud, rows are points, and works on ``device`` in ``dtype`` in chunks of ``memory_budget`` bytes (see
+`analyses.lid.knn`).
 
 Pointwise TwoNN needs, for every member of every neighbourhood, its two nearest other members.
 They are read off the members' own sorted neighbour lists (`neighbourhood_twonn`), so after the one
@@ -17,72 +15,19 @@ them, and TwoNN drops the undefined ratios from its fits, as scikit-dimension do
 """
 
 import warnings
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-MEMORY_BUDGET = 2**30
-"""Default bytes of scratch memory per chunk (larger chunks run faster)."""
+from analyses.lid.knn import MEMORY_BUDGET, _working_copy, knn
+from interp.errors import BadOption
 
 
-def deduplicate(points: Float[Tensor, "n dim"]) -> Float[Tensor, "m dim"]:
-    """The distinct rows of ``points``, in order of first occurrence."""
-    return points[distinct_rows(points)]
-
-
-def distinct_rows(points: Float[Tensor, "n dim"]) -> Int[Tensor, "m"]:
-    """Indices of the first occurrence of every distinct row of ``points``, ascending."""
-    unique, inverse = torch.unique(points, dim=0, return_inverse=True)
-    order = torch.arange(len(points), device=points.device)
-    first = order.new_full((len(unique),), len(points))
-    first.scatter_reduce_(0, inverse, order, reduce="amin")
-    return first.sort().values
-
-
-def knn(
-    points: Float[Tensor, "n dim"],
-    k: int,
-    *,
-    queries: Float[Tensor, "q dim"] | None = None,
-    chunk_size: int | None = None,
-    memory_budget: int = MEMORY_BUDGET,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
-    """Exact k nearest neighbours of every point among the others (the point itself excluded),
-    or, with ``queries``, the k nearest ``points`` of every query (nothing excluded).
-
-    Neighbours are ranked by squared distances ||a||^2 + ||b||^2 - 2ab on centred points, one
-    matrix product per chunk of ``chunk_size`` rows (default: from ``memory_budget``). The
-    returned distances are then recomputed as ||a - b||, free of that identity's cancellation,
-    so exact duplicates are at distance exactly 0.
-
-    Returns distances (ascending along each row, units of ``points``) and row indices into
-    ``points``, both of shape (n or q, k), on the working device.
-    """
-    x = _working_copy(points, dtype, device)
-    q = x if queries is None else _working_copy(queries, dtype, x.device)
-    indices = _nearest(x, k, chunk_size, memory_budget, None if queries is None else q)
-    rows_per_chunk = max(1, memory_budget // (x.element_size() * k * x.shape[1]))
-    hoods = _neighbourhoods(x, indices, rows_per_chunk, q)
-    distances = torch.cat([torch.linalg.vector_norm(hood, dim=-1) for _, hood in hoods])
-    distances, order = distances.sort(dim=1)
-    return distances, indices.gather(1, order)
-
-
-def twonn_local(
-    points: Float[Tensor, "n dim"],
-    k: int = 128,
-    discard_fraction: float = 0.1,
-    *,
-    method: Literal["linear", "mle"] = "linear",
-    memory_budget: int = MEMORY_BUDGET,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Float[Tensor, "n"]:
+def twonn_local(points: Float[Tensor, "n dim"], k: int = 128, discard_fraction: float = 0.1, *,
+                method: Literal["linear", "mle"] = "linear", memory_budget: int = MEMORY_BUDGET,
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Float[Tensor, "n"]:
     """Pointwise TwoNN: the TwoNN estimate on each point's k nearest neighbours.
 
     Reproduces scikit-dimension's ``TwoNN(discard_fraction).fit_pw(X, n_neighbors=k)``, which
@@ -108,16 +53,10 @@ def twonn_local(
     )
 
 
-def neighbourhood_twonn(
-    points: Float[Tensor, "n dim"],
-    distances: Float[Tensor, "n m"],
-    neighbours: Int[Tensor, "n m"],
-    hoods: Int[Tensor, "q k"],
-    discard_fraction: float = 0.1,
-    *,
-    method: Literal["linear", "mle"] = "linear",
-    memory_budget: int = MEMORY_BUDGET,
-) -> Float[Tensor, "q"]:
+def neighbourhood_twonn(points: Float[Tensor, "n dim"], distances: Float[Tensor, "n m"],
+                        neighbours: Int[Tensor, "n m"], hoods: Int[Tensor, "q k"], discard_fraction: float = 0.1, *,
+                        method: Literal["linear", "mle"] = "linear",
+                        memory_budget: int = MEMORY_BUDGET) -> Float[Tensor, "q"]:
     """TwoNN estimate on each neighbourhood: row i of ``hoods`` lists k rows of ``points``.
 
     ``distances`` and ``neighbours`` are ``knn(points, m)`` (any m >= 2). Each member j of a
@@ -139,15 +78,9 @@ def neighbourhood_twonn(
     return _twonn_fit(r2 / r1, discard_fraction, method)
 
 
-def twonn_global(
-    points: Float[Tensor, "n dim"],
-    discard_fraction: float = 0.1,
-    *,
-    method: Literal["linear", "mle"] = "linear",
-    memory_budget: int = MEMORY_BUDGET,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> float:
+def twonn_global(points: Float[Tensor, "n dim"], discard_fraction: float = 0.1, *,
+                 method: Literal["linear", "mle"] = "linear", memory_budget: int = MEMORY_BUDGET,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> float:
     """TwoNN intrinsic dimension of the whole cloud (Facco et al. 2017), as scikit-dimension.
 
     Each point gets mu = r2/r1, its second over first nearest-neighbour distance; points with
@@ -161,9 +94,8 @@ def twonn_global(
     return twonn_from_distances(distances, discard_fraction, method=method)
 
 
-def twonn_from_distances(
-    distances: Float[Tensor, "n m"], discard_fraction: float = 0.1, *, method: Literal["linear", "mle"] = "linear"
-) -> float:
+def twonn_from_distances(distances: Float[Tensor, "n m"], discard_fraction: float = 0.1, *,
+                         method: Literal["linear", "mle"] = "linear") -> float:
     """`twonn_global` from sorted nearest-neighbour distances (``knn(points, m)[0]``, any m >= 2)."""
     _check_discard(discard_fraction, method)
     if (distances[:, 0] == 0).any():
@@ -171,20 +103,15 @@ def twonn_from_distances(
     return _twonn_fit((distances[:, 1] / distances[:, 0])[None], discard_fraction, method).item()
 
 
-def levina_bickel_local(
-    points: Float[Tensor, "n dim"],
-    k: int = 20,
-    *,
-    memory_budget: int = MEMORY_BUDGET,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Float[Tensor, "n"]:
+def levina_bickel_local(points: Float[Tensor, "n dim"], k: int = 20, *, memory_budget: int = MEMORY_BUDGET,
+                        dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> Float[Tensor, "n"]:
     """Levina-Bickel (2004) MLE at each point from its k nearest-neighbour distances T_1..T_k.
 
     m_k(x) = (k - 1) / sum_{j<k} log(T_k / T_j). Dimensionless, on the working device.
     """
     if k < 2:
-        raise ValueError(f"Levina-Bickel needs k >= 2 neighbours, got k={k}")
+        raise BadOption(f"Levina-Bickel needs k >= 2 neighbours, got k={k}")
     distances, _ = knn(points, k, memory_budget=memory_budget, dtype=dtype, device=device)
     return levina_bickel_from_distances(distances)
 
@@ -197,15 +124,9 @@ def levina_bickel_from_distances(distances: Float[Tensor, "n k"]) -> Float[Tenso
     return (distances.shape[1] - 1) / (log_t[:, -1:] - log_t[:, :-1]).sum(dim=1)
 
 
-def levina_bickel_global(
-    points: Float[Tensor, "n dim"],
-    k: int = 20,
-    *,
-    average: Literal["inverse", "mean"] = "inverse",
-    memory_budget: int = MEMORY_BUDGET,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> float:
+def levina_bickel_global(points: Float[Tensor, "n dim"], k: int = 20, *,
+                         average: Literal["inverse", "mean"] = "inverse", memory_budget: int = MEMORY_BUDGET,
+                         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> float:
     """Levina-Bickel intrinsic dimension of the whole cloud from the local estimates.
 
     ``average="inverse"`` averages the inverses, 1 / mean(1 / m_k(x)) (MacKay and Ghahramani
@@ -216,79 +137,17 @@ def levina_bickel_global(
         return 1 / local.reciprocal().mean().item()
     if average == "mean":
         return local.mean().item()
-    raise ValueError(f"average must be 'inverse' or 'mean', got {average!r}")
+    raise BadOption(f"average must be 'inverse' or 'mean', got {average!r}")
 
-
-def _working_copy(
-    points: Float[Tensor, "n dim"], dtype: torch.dtype, device: torch.device | str | None
-) -> Float[Tensor, "n dim"]:
-    if points.ndim != 2:
-        raise ValueError(f"points must be an (n, dim) matrix, got shape {tuple(points.shape)}")
-    return points.to(device=points.device if device is None else device, dtype=dtype)
-
-
-def _nearest(
-    x: Float[Tensor, "n dim"],
-    k: int,
-    chunk_size: int | None,
-    memory_budget: int,
-    queries: Float[Tensor, "q dim"] | None = None,
-) -> Int[Tensor, "q k"]:
-    """Indices of the k nearest rows of ``x`` to every query (default: to every row of ``x``,
-    itself excluded), unsorted, by chunked matrix products."""
-    n = len(x)
-    if not 0 < k < n + (queries is not None):
-        raise ValueError(f"k={k} neighbours needs 0 < k < n, with n={n} points; lower k")
-    centre = x.mean(dim=0)  # distances are translation-invariant; smaller norms cancel less
-    centred = x - centre
-    rows_of = centred if queries is None else queries - centre
-    sq_norms = centred.square().sum(dim=1)
-    if chunk_size is None:
-        chunk_size = max(1, memory_budget // (x.element_size() * (2 * n + k)))
-    buffer = x.new_empty(min(chunk_size, len(rows_of)), n)  # reused: fresh pages are slow on some hosts
-    nearest = []
-    for start in range(0, len(rows_of), chunk_size):
-        rows = rows_of[start : start + chunk_size]
-        # ||a - b||^2 - ||a||^2 = ||b||^2 - 2ab ranks the b of each row a as the distance does
-        shifted = torch.addmm(sq_norms, rows, centred.T, alpha=-2, out=buffer[: len(rows)])
-        if queries is None:
-            shifted.diagonal(offset=start).fill_(torch.inf)  # the point itself
-        nearest.append(shifted.topk(k, dim=1, largest=False, sorted=False).indices)
-    return torch.cat(nearest)
-
-
-def _neighbourhoods(
-    x: Float[Tensor, "n dim"],
-    neighbours: Int[Tensor, "q k"],
-    chunk_size: int,
-    centres: Float[Tensor, "q dim"] | None = None,
-) -> Iterator[tuple[Int[Tensor, "chunk k"], Float[Tensor, "chunk k dim"]]]:
-    """Chunks of neighbour indices and their neighbourhoods centred on their points,
-    hood[i, j] = x[members[i, j]] - centres[i] (default centres: x itself).
-
-    Every hood is written into the same buffer, so use each before asking for the next.
-    """
-    centres = x if centres is None else centres
-    (n, k), dim = neighbours.shape, x.shape[1]
-    buffer = x.new_empty(min(chunk_size, n) * k, dim)
-    for start in range(0, n, chunk_size):
-        members = neighbours[start : start + chunk_size]
-        hood = torch.index_select(x, 0, members.flatten(), out=buffer[: members.numel()])
-        hood = hood.view(-1, k, dim).sub_(centres[start : start + len(members), None])
-        yield members, hood
 
 
 SCAN = 16
 """Entries of each member's neighbour list searched first for its nearest fellow members."""
 
 
-def _two_nearest_members(
-    x: Float[Tensor, "n dim"],
-    distances: Float[Tensor, "n m"],
-    neighbours: Int[Tensor, "n m"],
-    hoods: Int[Tensor, "q k"],
-    memory_budget: int,
-) -> tuple[Float[Tensor, "q k"], Float[Tensor, "q k"]]:
+def _two_nearest_members(x: Float[Tensor, "n dim"], distances: Float[Tensor, "n m"], neighbours: Int[Tensor, "n m"],
+                         hoods: Int[Tensor, "q k"], memory_budget: int
+                         ) -> tuple[Float[Tensor, "q k"], Float[Tensor, "q k"]]:
     """r1, r2 of every member j of every neighbourhood H: its distances to its first and second
     nearest other members of H, read from j's sorted list where it holds two of them."""
     (n, width), (q, k) = neighbours.shape, hoods.shape
@@ -318,9 +177,8 @@ def _two_nearest_members(
     return r1, r2
 
 
-def _first_two_on_lists(
-    in_hood: Tensor, offset: Int[Tensor, "rows 1"], neighbours: Tensor, distances: Tensor, members: Tensor
-) -> tuple[Tensor, Tensor]:
+def _first_two_on_lists(in_hood: Tensor, offset: Int[Tensor, "rows 1"], neighbours: Tensor, distances: Tensor,
+                        members: Tensor) -> tuple[Tensor, Tensor]:
     """The two smallest distances on each member's list to points marked in its row of ``in_hood``
     (inf where fewer than two are marked). ``members`` is [rows, ...] of point indices."""
     lists = neighbours[members]  # [rows, ..., m]
@@ -329,9 +187,8 @@ def _first_two_on_lists(
     return _two_smallest(distances[members].masked_fill_(~marked, torch.inf))
 
 
-def _measure_two_nearest(
-    x: Float[Tensor, "n dim"], members: Int[Tensor, "rows k"], missing: tuple[Tensor, Tensor], memory_budget: int
-) -> tuple[Tensor, Tensor]:
+def _measure_two_nearest(x: Float[Tensor, "n dim"], members: Int[Tensor, "rows k"], missing: tuple[Tensor, Tensor],
+                         memory_budget: int) -> tuple[Tensor, Tensor]:
     """r1, r2 of the members at ``missing`` (row, column) by direct distances to their neighbourhood."""
     row, column = missing
     k, dim = members.shape[1], x.shape[1]
@@ -352,9 +209,8 @@ def _two_smallest(values: Float[Tensor, "... m"]) -> tuple[Float[Tensor, "..."],
     return first, second
 
 
-def _twonn_fit(
-    mu: Float[Tensor, "batch m"], discard_fraction: float, method: Literal["linear", "mle"]
-) -> Float[Tensor, "batch"]:
+def _twonn_fit(mu: Float[Tensor, "batch m"], discard_fraction: float,
+               method: Literal["linear", "mle"]) -> Float[Tensor, "batch"]:
     """TwoNN dimension of each row of ratios mu = r2/r1; non-finite ratios (r1 = 0) are dropped."""
     finite = mu.isfinite()
     n = finite.sum(dim=1, keepdim=True)  # ratios left in each row
@@ -372,7 +228,7 @@ def _twonn_fit(
 
 def _check_kept(k: int, discard_fraction: float) -> None:
     if int(k * (1 - discard_fraction)) < 2:
-        raise ValueError(
+        raise BadOption(
             f"k={k} with discard_fraction={discard_fraction} keeps fewer than 2 ratios per "
             "neighbourhood; raise k"
         )
@@ -380,14 +236,14 @@ def _check_kept(k: int, discard_fraction: float) -> None:
 
 def _check_discard(discard_fraction: float, method: str) -> None:
     if method not in ("linear", "mle"):
-        raise ValueError(f"method must be 'linear' or 'mle', got {method!r}")
+        raise BadOption(f"method must be 'linear' or 'mle', got {method!r}")
     if method == "linear" and not 0 < discard_fraction < 1:
-        raise ValueError(
+        raise BadOption(
             f"the linear TwoNN fit needs 0 < discard_fraction < 1, got {discard_fraction} "
             "(the largest ratio has F_emp = 1, so -log(1 - F_emp) is infinite); use method='mle'"
         )
     if not 0 <= discard_fraction < 1:
-        raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
+        raise BadOption(f"discard_fraction must be in [0, 1), got {discard_fraction}")
 
 
 def _warn_duplicates(what: str) -> None:

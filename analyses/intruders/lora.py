@@ -1,15 +1,15 @@
-"""LoRA adapters as weight deltas, and weight matrices named and oriented for spectral analysis.
+"""LoRA adapters read as weight deltas, without building a model.
 
-A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) is read directly, without building a
-model: for each adapted module, delta W = scaling * B @ A, of shape (out, in), with scaling = alpha / r
-(rsLoRA: alpha / sqrt(r)). Deltas come back keyed and laid out like the base model's stored weight, so
-`W0 + delta` is the merged weight, as `merge_and_unload()` would write it.
+A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors): for each adapted module, delta W =
+scaling * B @ A, of shape (out, in), with scaling = alpha / r (rsLoRA: alpha / sqrt(r)). Deltas come back keyed
+and laid out like the base model's stored weight, so `W0 + delta` is the merged weight, as `merge_and_unload()`
+would write it. `LoraMerged` is that merged state dict, formed one matrix at a time when read.
 """
 
 import json
 import math
 import re
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file
 from torch import Tensor
 
-from interp.errors import UnsupportedAdapter
+from interp.errors import IncompatibleModels, UnsupportedAdapter
 
 # Config fields that make the tuned weight something other than W0 + scaling * B @ A (DoRA, QA-LoRA, aLoRA, ...),
 # or that tune more than LoRA factors; any truthy value is refused.
@@ -43,19 +43,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
-KINDS = {
-    "attn.c_attn": "qkv",  # GPT-2's fused (in, 3 d) Conv1D, output [q | k | v]: split by `analysis_matrices`
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "gate_proj": "mlp_in",
-    "up_proj": "mlp_in",
-    "down_proj": "mlp_out",
-    "attn.c_proj": "o",
-    "mlp.c_fc": "mlp_in",
-    "mlp.c_proj": "mlp_out",
-}
 
 
 def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
@@ -150,55 +137,36 @@ def lora_delta_weights(adapter_dir: str | Path) -> dict[str, Float[Tensor, "..."
     return {name: d.mT.contiguous() for name, d in deltas.items()} if config.get("fan_in_fan_out") else deltas
 
 
-def matrix_kind(name: str) -> str | None:
-    """q, k, v, o, mlp_in, mlp_out (qkv for a fused c_attn) of a parameter or `analysis_matrices` name, else None."""
-    if name.endswith((":q", ":k", ":v")):
-        return name[-1]
-    module = "." + name.removesuffix(".weight")
-    return next((kind for suffix, kind in KINDS.items() if module.endswith("." + suffix)), None)
+class LoraMerged(Mapping):
+    """W0 + scaling B A of each adapted parameter (stored layout, on `device`, in `dtype`), formed only when read;
+    unadapted parameters are the base's own. `transposed`: the names of the parameters stored (in, out)."""
 
+    def __init__(self, adapter: str | Path, base: Mapping[str, Tensor], transposed: set[str], device, dtype):
+        self.factors, _ = lora_factors(adapter)
+        self.base, self.transposed, self.device, self.dtype = base, transposed, device, dtype
+        missing = sorted(set(self.factors) - set(base))
+        if missing:
+            raise IncompatibleModels(f"adapter {adapter} adapts {len(missing)} weights the base lacks (e.g. "
+                                     f"{missing[0]}); pass the base model the adapter was trained on")
+        self.adapter = adapter
 
-def layer_index(name: str) -> int | None:
-    """The first integer component of a dotted name (`model.layers.3.mlp.up_proj.weight` -> 3), if any."""
-    match = re.search(r"\.(\d+)\.", name)
-    return int(match[1]) if match else None
+    def __getitem__(self, name: str) -> Tensor:
+        W0 = self.base[name]
+        if name not in self.factors:
+            return W0
+        # PEFT orients the delta by the module type (Conv1D is always fan_in_fan_out), not by the config flag.
+        delta = self.factors[name].delta(self.device, self.dtype)
+        delta = delta.mT if name in self.transposed else delta
+        if delta.shape != W0.shape:
+            raise IncompatibleModels(f"adapter {self.adapter}: {name} has delta shape {tuple(delta.shape)}, the base "
+                                     f"weight {tuple(W0.shape)}; pass the base model the adapter was trained on")
+        return W0.to(self.device, self.dtype) + delta
 
+    def __contains__(self, name) -> bool:
+        return name in self.base
 
-def analysis_matrices(
-    name: str, weight: Float[Tensor, "..."], *, fan_in_fan_out: bool
-) -> list[tuple[str, Float[Tensor, "out in"]]]:
-    """The (out, in) matrices stored under parameter `name`, for SVD.
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
 
-    `fan_in_fan_out=True` for GPT-2 Conv1D, stored (in, out): transposed (a view). Singular values do not care,
-    but left singular vectors (output directions, which intruder similarity compares) do.
-    GPT-2's fused `attn.c_attn` is split into its q, k, v thirds, named `name:q`, `name:k`, `name:v`.
-    """
-    W = weight.mT if fan_in_fan_out else weight
-    if matrix_kind(name) == "qkv":
-        return [(f"{name}:{kind}", part) for kind, part in zip("qkv", W.chunk(3, dim=0), strict=True)]
-    return [(name, W)]
-
-
-def paired_matrices(
-    base: Mapping[str, Tensor],
-    tuned: Mapping[str, Tensor],
-    *,
-    fan_in_fan_out: bool | Container[str],
-    extra: Container[str] = (),
-) -> Iterator[tuple[str, Float[Tensor, "out in"], Float[Tensor, "out in"]]]:
-    """(name, W0, Wt) for every q/k/v/o/mlp matrix present in both state dicts, in base order, lazily.
-
-    `fan_in_fan_out`: True/False for every matrix, or the names of the parameters stored (in, out).
-    `extra`: parameter names to pair although they have no `matrix_kind` (e.g. the token embedding).
-    """
-    for name, W0 in base.items():
-        if (matrix_kind(name) is None and name not in extra) or name not in tuned:
-            continue
-        flag = fan_in_fan_out if isinstance(fan_in_fan_out, bool) else name in fan_in_fan_out
-        pairs = zip(
-            analysis_matrices(name, W0, fan_in_fan_out=flag),
-            analysis_matrices(name, tuned[name], fan_in_fan_out=flag),
-            strict=True,
-        )
-        for (matrix, w0), (_, wt) in pairs:
-            yield matrix, w0, wt
+    def __len__(self) -> int:
+        return len(self.base)

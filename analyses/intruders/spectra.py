@@ -1,4 +1,4 @@
-"""Intruder dimensions: the weights-only numerics (METHODS.md section 3).
+"""Intruder dimensions: the numerics of one matrix pair (METHODS.md section 3).
 
 Shuttleworth et al. 2024 ("LoRA vs Full Fine-tuning: An Illusion of Equivalence", arXiv 2410.21228):
 for a base matrix W0 = U0 S0 V0^T and its tuned (merged) version Wt = Ut St Vt^T, both in the (out, in)
@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from interp.errors import IncompatibleModels
+from interp.errors import BadOption, IncompatibleModels
 
 K = 10
 EPSILON = 0.5
@@ -36,7 +36,7 @@ class SVD(NamedTuple):
 
 def _cast(W: Float[Tensor, "out in"], dtype: torch.dtype) -> Float[Tensor, "out in"]:
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"SVDs are computed in float32 or float64, got dtype={dtype}")
+        raise BadOption(f"SVDs are computed in float32 or float64, got dtype={dtype}")
     return W.to(dtype)
 
 
@@ -151,13 +151,8 @@ def iter_reports(
         yield matrix_report(W0, Wt, name=name, **kwargs)
 
 
-def intruder_directions(
-    W0: Float[Tensor, "out in"],
-    Wt: Float[Tensor, "out in"],
-    epsilon: float = EPSILON,
-    k: int = K,
-    dtype: torch.dtype = torch.float32,
-) -> SVD:
+def intruder_directions(W0: Float[Tensor, "out in"], Wt: Float[Tensor, "out in"], epsilon: float = EPSILON,
+                        k: int = K, dtype: torch.dtype = torch.float32) -> SVD:
     """The part of Wt's SVD on its intruders among the top k at `epsilon`: U [out, n], S [n], Vh [n, in]."""
     base, tuned = svd(W0, dtype), svd(Wt, dtype)
     keep = intruder_similarity(base.U, tuned.U, k) < epsilon
@@ -165,29 +160,18 @@ def intruder_directions(
     return SVD(tuned.U[:, :n][:, keep], tuned.S[:n][keep], tuned.Vh[:n][keep])
 
 
-def intruder_update(
-    W0: Float[Tensor, "out in"],
-    Wt: Float[Tensor, "out in"],
-    epsilon: float = EPSILON,
-    k: int = K,
-    dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "out in"]:
+def intruder_update(W0: Float[Tensor, "out in"], Wt: Float[Tensor, "out in"], epsilon: float = EPSILON, k: int = K,
+                    dtype: torch.dtype = torch.float32) -> Float[Tensor, "out in"]:
     """sum_{i in intruders} s_i u_i v_i^T over the intruders among Wt's top k at `epsilon`, in `dtype`."""
     U, S, Vh = intruder_directions(W0, Wt, epsilon, k, dtype)
     return (U * S) @ Vh
 
 
-def scale_intruders(
-    W0: Float[Tensor, "out in"],
-    Wt: Float[Tensor, "out in"],
-    lam: float,
-    epsilon: float = EPSILON,
-    k: int = K,
-    dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "out in"]:
+def scale_intruders(W0: Float[Tensor, "out in"], Wt: Float[Tensor, "out in"], lam: float, epsilon: float = EPSILON,
+                    k: int = K, dtype: torch.dtype = torch.float32) -> Float[Tensor, "out in"]:
     """W' = Wt - (1 - lam) * `intruder_update`, in Wt's dtype: lam = 1 gives Wt exactly, lam = 0 removes them.
 
-    W0, Wt in the (out, in) orientation (`lora_weights.analysis_matrices`); transpose W' back for a Conv1D.
+    W0, Wt in the (out, in) orientation (`matrices.analysis_matrices`); transpose W' back for a Conv1D.
     For a sweep over lam, compute `intruder_update` once and apply this formula yourself.
     """
     return Wt - ((1 - lam) * intruder_update(W0, Wt, epsilon, k, dtype)).to(Wt.dtype)

@@ -8,35 +8,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from interp.plotting import COLUMN_WIDTH_IN, PALETTE, figure, model_color, save_figure
+from interp.models import model_label
+from interp.plotting import PALETTE, figure, integer_ticks, model_color, save_figure
 
 
 def plot_head_maps(result, task: str = "target", axes=None):
     """Layer x head importance (activation patching) for base, tuned and tuned - base, side by side."""
     if axes is None:
-        axes = figure(3, 1, width=2 * COLUMN_WIDTH_IN, height=2.0)[1][0]
+        axes = figure(3, 1, width="double", height=2.0)[1][0]
     base, tuned = result.heads(result.method, task, "base"), result.heads(result.method, task, "tuned")
     lim = float(torch.cat([base, tuned]).abs().max()) or 1.0
     diff_lim = float((tuned - base).abs().max()) or 1.0
-    for ax, data, title, vmax in zip(axes, (base, tuned, tuned - base),
-                                     (f"base ({result.meta['base']})", f"tuned ({result.meta['tuned']})", "tuned - base"),
-                                     (lim, lim, diff_lim)):
+    titles = (f"base ({model_label(result.base)})", f"tuned ({model_label(result.tuned)})", "tuned - base")
+    for ax, data, title, vmax in zip(axes, (base, tuned, tuned - base), titles, (lim, lim, diff_lim)):
         im = ax.imshow(data.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set(xlabel="head", ylabel="layer", title=f"{title}, {result.method}")
-        ax.set_xticks(range(data.shape[1]))
-        ax.set_yticks(range(data.shape[0]))
+        integer_ticks(ax, "x", "y")
         ax.grid(False)
         ax.figure.colorbar(im, ax=ax, shrink=0.8)
     return axes
 
 
-def plot_circuit(result, n_edges: int = 20, ax=None):
-    """The top edges of the base circuit, nodes laid out by layer (heads stacked, MLPs beside them); blue
-    edges help the clean answer when kept clean (negative noising score), red ones hurt it."""
-    if ax is None:
-        ax = figure(width=2 * COLUMN_WIDTH_IN, height=3.0)[1][0, 0]
-    up, down = result.meta["edges"]["upstream"], result.meta["edges"]["downstream"]
-    scores = result.tensors["edges"]
+def _node_positions(up: list[str], down: list[str]) -> dict[str, tuple[float, float]]:
+    """Layer columns: embed, then per layer its heads (stacked), attention and MLP readers, its MLP; logits last."""
     n_heads = sum(1 for u in up if u.startswith("a0."))
     n_layers = sum(1 for d in down if d.startswith("mlp"))
     pos = {}
@@ -54,6 +48,16 @@ def plot_circuit(result, n_edges: int = 20, ax=None):
             pos[name] = (2 * int(layer) + 1.0, float(h))
         else:
             pos[name] = (2 * int(name[1:]) + 2.0, (n_heads - 1) / 2)
+    return pos
+
+
+def plot_circuit(result, n_edges: int = 20, ax=None):
+    """The top edges of the base circuit, nodes laid out by layer (heads stacked, MLPs beside them); blue
+    edges help the clean answer when kept clean (negative noising score), red ones hurt it."""
+    if ax is None:
+        ax = figure(width="double", height=3.0)[1][0, 0]
+    up, down, scores = result.upstream, result.downstream, result.edges
+    pos = _node_positions(up, down)
     flat = scores.abs().flatten()
     kept = flat.topk(min(n_edges, int((flat > 0).sum()))).indices.tolist()
     width = float(flat.max()) or 1.0
@@ -71,25 +75,24 @@ def plot_circuit(result, n_edges: int = 20, ax=None):
         ax.scatter([x], [y], s=40 if on else 10, color="black" if on else "lightgrey", zorder=3)
         if on:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
-    faith = result.meta["edges"].get("faithfulness", {})
-    note = ", ".join(f"{k}: {v:.2f}" for k, v in faith.items())
-    ax.set(title=f"top {len(kept)} edges (EAP-IG, {result.meta['base']}); faithfulness by size {note}",
-           xlabel="layer (embed, heads, MLP, ..., logits)")
+    note = ", ".join(f"{k}: {v:.2f}" for k, v in result.faithfulness.items())
+    n_layers = sum(1 for d in down if d.startswith("mlp"))
+    ax.set_xticks([2 * layer + 1.0 for layer in range(n_layers)], [str(layer) for layer in range(n_layers)])
+    ax.set(title=f"top {len(kept)} edges (EAP-IG, {model_label(result.base)}); faithfulness by size {note}",
+           xlabel="layer (embed left, heads stacked, MLP right of each layer, logits right)")
     ax.set_yticks([])
     ax.grid(False)
     return ax
 
 
-def plot_cmap(result, n: int = 10, ax=None):
+def cmap_bars(components: list[str], gain, greedy, ax=None, n: int = 10):
     """The `n` components of largest CMAP gain, and the greedy set's gain marked as a line."""
     if ax is None:
         ax = figure()[1][0, 0]
-    gain = result.tensors["cmap.gain"]
-    names = result.meta["cmap"]["components"]
     order = gain.argsort(descending=True)[:n].tolist()
     ax.bar(range(len(order)), gain[order].numpy(), color=model_color("full"))
-    ax.set_xticks(range(len(order)), [names[i] for i in order], rotation=60, ha="right")
-    best_set, best = result.meta["cmap"]["greedy"][-1]
+    ax.set_xticks(range(len(order)), [components[i] for i in order], rotation=60, ha="right")
+    best_set, best = greedy[-1]
     ax.axhline(best, ls="--", color="grey", label=f"greedy set of {len(best_set)}: {best:.2f}")
     ax.axhline(0.5, ls=":", color="black", lw=0.8)
     ax.set(ylabel="CMAP gain", title="tuned activation patched into base")
@@ -97,16 +100,21 @@ def plot_cmap(result, n: int = 10, ax=None):
     return ax
 
 
+def plot_cmap(result, n: int = 10, ax=None):
+    """The result's CMAP gains (see `cmap_bars`)."""
+    return cmap_bars(result.cmap["components"], result.cmap_gain, result.cmap["greedy"], ax, n)
+
+
 def plot_ablation(result, ax=None):
     """Task accuracy: clean, top-3 heads ablated, random heads ablated (mean and each draw)."""
     if ax is None:
         ax = figure()[1][0, 0]
-    a = result.meta["ablation"]
+    a = result.ablation
     ax.bar([0, 1, 2], [a["clean_accuracy"], a["top_accuracy"], float(np.mean(a["random_accuracy"]))],
            color=[model_color("base"), model_color("full"), PALETTE[-1]])
     ax.scatter([2] * len(a["random_accuracy"]), a["random_accuracy"], color="black", s=6, zorder=3)
     ax.set_xticks([0, 1, 2], ["none", f"top {len(a['heads'])}", f"random {len(a['heads'])}"])
-    ax.set(ylabel="answer accuracy", ylim=(0, 1.05), title=f"{a['mode']}-ablating heads ({result.meta['skill']})")
+    ax.set(ylabel="answer accuracy", ylim=(0, 1.05), title=f"{a['mode']}-ablating heads ({result.skill})")
     return ax
 
 
@@ -124,29 +132,38 @@ def plot_agreement(result, ax=None):
     return ax
 
 
-def save_figures(result, out: str | Path) -> list[Path]:
-    """Every circuits figure the result has data for, PDF and PNG each."""
+def save_base_figures(result, out: str | Path, suffix: str = "") -> list[Path]:
+    """The figures of the base alone (circuit, agreement, ablation) the result has data for, PDF and PNG each."""
     out = Path(out)
-    written = []
-    fig, axes = figure(3, 1, width=2 * COLUMN_WIDTH_IN, height=2.0)
-    plot_head_maps(result, "target", axes[0])
-    written += save_figure(fig, out / "heads_target")
-    fig, axes = figure(3, 1, width=2 * COLUMN_WIDTH_IN, height=2.0)
-    plot_head_maps(result, "skill", axes[0])
-    written += save_figure(fig, out / "heads_skill")
-    fig, ax = figure(width=2 * COLUMN_WIDTH_IN, height=3.0)
+    fig, ax = figure(width="double", height=3.0)
     plot_circuit(result, ax=ax[0, 0])
-    written += save_figure(fig, out / "circuit")
+    written = list(save_figure(fig, out / f"circuit{suffix}"))
     if result.method == "patching":
         fig, ax = figure()
         plot_agreement(result, ax[0, 0])
-        written += save_figure(fig, out / "attribution_vs_patching")
-    if "cmap.gain" in result.tensors:
-        fig, ax = figure()
-        plot_cmap(result, ax=ax[0, 0])
-        written += save_figure(fig, out / "cmap")
-    if "ablation" in result.meta:
+        written += save_figure(fig, out / f"attribution_vs_patching{suffix}")
+    if result.ablation is not None:
         fig, ax = figure()
         plot_ablation(result, ax[0, 0])
-        written += save_figure(fig, out / "ablation")
+        written += save_figure(fig, out / f"ablation{suffix}")
     return written
+
+
+def save_model_figures(result, out: str | Path, suffix: str = "") -> list[Path]:
+    """The figures of the pair (head maps on skill and target, CMAP gains when measured), PDF and PNG each."""
+    out = Path(out)
+    written = []
+    for task in ("target", "skill"):
+        fig, axes = figure(3, 1, width="double", height=2.0)
+        plot_head_maps(result, task, axes[0])
+        written += save_figure(fig, out / f"heads_{task}{suffix}")
+    if result.cmap is not None:
+        fig, ax = figure()
+        plot_cmap(result, ax=ax[0, 0])
+        written += save_figure(fig, out / f"cmap{suffix}")
+    return written
+
+
+def save_figures(result, out: str | Path, suffix: str = "") -> list[Path]:
+    """Every circuits figure the result has data for (`save_model_figures`, then `save_base_figures`)."""
+    return save_model_figures(result, out, suffix) + save_base_figures(result, out, suffix)

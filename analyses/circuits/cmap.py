@@ -19,23 +19,35 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from analyses.lofit import answer_tokens
+from analyses.circuits.lofit import answer_tokens, prompts_and_answers
 from interp.capture import capture
 from interp.intervene import replace
 from interp.models import Pair
-from interp.prompts import Tokens
+from interp.prompts import PromptSet, Tokens
+from interp.results import Result
 from interp.sites import Site
 
 
 @dataclass
-class CMAPResult:
+class CMAPResult(Result):
     """Per-component `gain` [component] (same order as `components`), the greedy sets and their gains."""
 
+    ANALYSIS = "circuits"
     components: list[str]
     gain: Float[Tensor, " component"]
     greedy: list[tuple[list[str], float]]
     m_base: float
     m_tuned: float
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"component": self.components, "gain": self.gain.numpy()})
+
+    def plot(self, ax=None):
+        from analyses.circuits.plots import cmap_bars
+
+        return cmap_bars(self.components, self.gain, self.greedy, ax)
 
 
 def answer_logprob(model, tokens: Tokens, start: Tensor, edits: Sequence = (), batch_size: int = 64) -> Tensor:
@@ -47,10 +59,12 @@ def answer_logprob(model, tokens: Tokens, start: Tensor, edits: Sequence = (), b
     return (logp * keep).sum(1) / keep.sum(1)
 
 
-def cmap(pair: Pair, prompts: Sequence[str], answers: Sequence[str], *, sites: Sequence[Site] | None = None,
-         max_set: int = 3, goal: float = 1.0, batch_size: int = 64) -> CMAPResult:
-    """Gains of single components and of a greedily grown set (module docstring)."""
+def cmap(pair: Pair, prompts: PromptSet | Sequence[str], answers: Sequence[str] | None = None, *,
+         sites: Sequence[Site] | None = None, max_set: int = 3, goal: float = 1.0, batch_size: int = 64) -> CMAPResult:
+    """Gains of single components and of a greedily grown set (module docstring), on `prompts` and their `answers`
+    (a PromptSet's own by default)."""
     base, tuned = pair.base, pair.tuned
+    prompts, answers = prompts_and_answers(prompts, answers)
     tokens, start = answer_tokens(base, prompts, answers)
     sites = list(sites) if sites is not None else (
         [Site("embed")] + [s for layer in range(base.n_layers) for s in
@@ -72,4 +86,5 @@ def cmap(pair: Pair, prompts: Sequence[str], answers: Sequence[str], *, sites: S
         best = max(range(len(rest)), key=gains.__getitem__)
         chosen.append(rest[best])
         greedy.append(([str(s) for s in chosen], gains[best]))
-    return CMAPResult([str(s) for s in sites], single, greedy, m_base, m_tuned)
+    return CMAPResult([str(s) for s in sites], single, greedy, m_base, m_tuned,
+                      settings={"max_set": max_set, "goal": goal, "prompts": len(prompts)})

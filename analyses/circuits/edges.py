@@ -30,8 +30,9 @@ from einops import einsum, rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from analyses.circuit_patching import TokenPairs, _grad_metric, last_logits, metric_of, metric_values
+from analyses.circuits.patching import TokenPairs, _grad_metric, last_logits, metric_of, metric_values
 from interp.capture import capture
+from interp.errors import BadOption
 from interp.intervene import replace
 from interp.sites import Site
 
@@ -53,7 +54,7 @@ class EdgeScores:
             keep.view(-1)[size.flatten().topk(min(top_n, int(self.valid.sum()))).indices] = True
             return keep
         if threshold is None:
-            raise ValueError("pass top_n or threshold")
+            raise BadOption("pass top_n or threshold")
         return size >= threshold
 
     def top(self, n: int) -> list[tuple[str, str, float]]:
@@ -76,7 +77,7 @@ def _order(name: str) -> tuple[float, float]:
         return (-1, 1)
     if name == "logits":
         return (float("inf"), 0)
-    if name.startswith("attn") or name.startswith("a"):
+    if name.startswith(("attn", "a")):
         return (int(name.removeprefix("attn").removeprefix("a").split(".")[0]), 0)
     return (int(name.removeprefix("mlp").removeprefix("m")), 1)
 

@@ -20,8 +20,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.capture import capture
+from interp.errors import BadOption
 from interp.intervene import Edit, ablate, scale
-from interp.prompts import Tokens, tokenize
+from interp.prompts import Tokens, as_tokens
 from interp.sites import Site
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
@@ -43,10 +44,7 @@ def repeated_tokens(model, n: int = 32, length: int | None = None, seed: int = 0
 def detector_scores(model, prompts=None, *, n: int = 32, length: int | None = None, seed: int = 0,
                     batch_size: int = 32) -> dict[str, Float[Tensor, "layer head"]]:
     """{detector: [layer, head]} on `prompts` (strings, id lists or Tokens; default `repeated_tokens`)."""
-    if prompts is None:
-        tokens = repeated_tokens(model, n, length, seed)
-    else:
-        tokens = prompts if isinstance(prompts, Tokens) else tokenize(model.tokenizer, prompts, max_length=model.n_ctx)
+    tokens = repeated_tokens(model, n, length, seed) if prompts is None else as_tokens(model, prompts)
     sites = [Site("attn_pattern", layer) for layer in range(model.n_layers)]
     acts = capture(model, tokens, sites, batch_size=batch_size, progress=False)
     return scores_from_patterns(torch.stack([acts[s] for s in sites], dim=1), tokens.ids, tokens.mask)
@@ -80,7 +78,7 @@ def head_edits(heads: Sequence[tuple[int, int]], mode: str = "zero", factor: flo
         return [ablate(Site("head_out", layer, h), mean=means[(layer, h)]) for layer, h in heads]
     if mode == "scale":
         return [scale(Site("head_out", layer, h), factor) for layer, h in heads]
-    raise ValueError(f"unknown head edit {mode!r}; use zero, mean or scale")
+    raise BadOption(f"unknown head edit {mode!r}; use zero, mean or scale")
 
 
 def head_means(model, prompts, heads: Sequence[tuple[int, int]], batch_size: int = 64) -> dict[tuple[int, int], Tensor]:
