@@ -35,7 +35,7 @@ def monkeypatch_module():
 def test_notebooks_exist_and_are_stored_without_outputs():
     import nbformat
 
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "tuco", "circuits", "intruders", "shift", "lid"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "tuco", "circuits", "intruders", "shift", "lid", "weights"}
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         nbformat.validate(book)
