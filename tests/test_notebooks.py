@@ -35,7 +35,8 @@ def monkeypatch_module():
 def test_notebooks_exist_and_are_stored_without_outputs():
     import nbformat
 
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "tuco", "circuits", "intruders", "shift", "lid", "weights"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "tuco", "circuits", "intruders", "shift", "lid", "weights",
+                                         "diffing"}
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         nbformat.validate(book)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-LENSES = ("tuco", "circuits", "intruders", "shift", "lid", "weights")
+LENSES = ("tuco", "circuits", "intruders", "shift", "lid", "weights", "diffing")
 """Every lens, in the report's page order."""
 
 
