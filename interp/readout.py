@@ -3,8 +3,9 @@
     logits = logit_lens(model, delta)            # delta [..., d_model] -> [..., vocab]
     top_tokens(model, logits, 10)                # the 10 highest-scoring tokens of each row, as strings
 
-The final-norm module is the one `interp.backends.nnsight_backend.architecture` names for the model (the one place
-that knows module names); the unembedding is the model's output embedding (with its bias, if it has one).
+The final-norm module is the one `interp.backends.architectures` names for the model's family (the one place that
+knows module names); the unembedding is the model's output embedding (with its bias, if it has one), followed by the
+final logit soft-capping of the families that have one (Gemma 2), as in the model's own forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ def logit_lens(model, vectors: Float[Tensor, "... d_model"], *, norm: bool = Tru
     with torch.no_grad():
         if norm:
             x = hf.get_submodule(model.architecture.final_norm)(x)
-        return head(x).float().cpu()
+        logits = head(x)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return logits.float().cpu()
 
 
 def top_tokens(model, logits: Float[Tensor, "... vocab"], k: int = 10) -> list:

@@ -45,8 +45,8 @@ def test_the_lens_command_and_the_report_save_the_same_results(runs, name):
         other_tensors, other_meta = in_report[key]
         assert meta == other_meta, key
         assert sorted(tensors) == sorted(other_tensors), key
-        for t in tensors:
-            assert torch.equal(tensors[t], other_tensors[t]), (key, t)
+        for t in tensors:  # equal element for element, NaN where the other has NaN
+            torch.testing.assert_close(tensors[t], other_tensors[t], rtol=0, atol=0, equal_nan=True, msg=(key, t))
     alone_section = json.loads((runs[name][0] / "section.json").read_text())
     report_section = json.loads((runs[name][1] / "section.json").read_text())
     assert alone_section["headline"] == report_section["headline"] and alone_section["steering"] == \
@@ -68,11 +68,18 @@ def test_every_saved_result_round_trips(runs, name, tmp_path):
         for field in loaded.__dataclass_fields__:
             a, b = getattr(loaded, field), getattr(again, field)
             if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b), (meta_file, field)
+                _identical(a, b, (meta_file, field))
             elif isinstance(a, dict) and a and all(isinstance(v, torch.Tensor) for v in a.values()):
-                assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), (meta_file, field)
+                assert sorted(a) == sorted(b), (meta_file, field)
+                for k in a:
+                    _identical(a[k], b[k], (meta_file, field, k))
             else:
                 assert a == b, (meta_file, field)
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor, where) -> None:
+    """Same dtype, shape and values, NaN where the other has NaN."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, check_dtype=True, msg=str(where))
 
 
 def _result_class(module, name: str):

@@ -382,3 +382,14 @@ def test_an_unsupported_family_is_refused_at_load_by_name(tmp_path):
     with pytest.raises(interp.errors.UnsupportedArchitecture, match="gptj") as info:
         interp.load_model(tmp_path)
     assert "GPT-NeoX" in str(info.value) and "architectures.py" in str(info.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_logit_lens_of_the_last_residual_is_the_models_own_logits(loaded, prompts, family):
+    """interp.readout.logit_lens applies the family's final norm, unembedding and logit soft-capping (Gemma 2)."""
+    from interp.readout import logit_lens
+
+    model = loaded[family]
+    last = f"resid_post.{model.n_layers - 1}"
+    acts = interp.capture(model, prompts, [last], logits=True, progress=False)
+    assert rel(logit_lens(model, acts[last])[acts.mask], acts["logits"][acts.mask]) <= 1e-5

@@ -41,6 +41,10 @@ def test_no_module_raises_a_builtin_error_for_bad_input():
     (["shift", "--k", "0", "--out", "x"], "--k"),
     (["lid", "--n-tokens", "0", "--out", "x"], "'0' is not a positive integer"),
     (["report", "--n-prompts", "-3"], "'-3' is not a positive integer"),
+    (["weights", "--alphas", "inf", "--out", "x"], "'inf' is not a finite number"),
+    (["weights", "--sweep-prompts", "0", "--out", "x"], "'0' is not a positive integer"),
+    (["diffing", "--positions", "0", "--out", "x"], "'0' is not a positive integer"),
+    (["diffing", "--tolerance", "-1", "--out", "x"], "'-1' is not a positive number"),
     (["capture", "--sites", "resid_post.0", "--memory-budget", "-1", "--out", "x"], "'-1' is not a positive number"),
 ])
 def test_an_option_out_of_range_is_refused_when_parsed(argv, message, capsys):

@@ -64,3 +64,30 @@ def test_lines_frontier_and_reset_map(real, name):
         untouched = [i for i, (k, m) in enumerate(zip(resets.kind, resets.module)) if k == "outside" or
                      (m or "").endswith("norm")]
         assert all(resets.target[i] == resets.tuned_scores["target"] for i in untouched)
+
+
+def test_lines_vs_uniform_on_chat_answers(real):
+    """The second forgetting probe of the real zoo: the 16 chat questions answered greedily through the chat
+    template (`smol_task.chat_answers`), at uniform scalings and at LiNeS points of zoo:smol-lora-r8, next to zorbish
+    accuracy. Reported, not asserted beyond the identities: (0, 0) and (1, 0) answer as many questions as the build
+    measured for the base and the fine-tune (their zoo.json)."""
+    import json
+
+    from interp.scoring import answer_scores
+    from interp.zoo import cache
+    from interp.zoo.smol_task import chat_answers
+
+    pair = interp.Pair(real["base"], real["tuned"]["smol-lora-r8"])
+    rows = []
+    for alpha, beta in ((0.0, 0.0), (0.75, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 1.0)):
+        with weights.lines(pair, alpha, beta) as model:
+            right = sum(a["right"] for a in chat_answers(model.hf, model.tokenizer))
+            accuracy = float(answer_scores(model, real["target"].prompts, real["target"].answers).accuracy.mean())
+        rows.append({"alpha": alpha, "beta": beta, "kind": "uniform" if beta == 0 else "LiNeS",
+                     "zorbish accuracy": accuracy, "chat right (of 16)": right})
+    frame = pd.DataFrame(rows)
+    print("\nzoo:smol-lora-r8, chat answers along uniform scaling and LiNeS")
+    print(frame.to_string(index=False))
+    built = {name: json.loads((cache.model_path(name) / "zoo.json").read_text()) for name in ("smol", "smol-lora-r8")}
+    assert rows[0]["chat right (of 16)"] == built["smol"]["forgetting"]["chat_right"]
+    assert rows[2]["chat right (of 16)"] == built["smol-lora-r8"]["forgetting"]["chat_right"]

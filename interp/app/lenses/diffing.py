@@ -18,6 +18,7 @@ import pandas as pd
 
 from analyses import diffing
 from interp.app import zoo_defaults
+from interp.app.args import finite_float, positive_float, positive_int
 from interp.app.context import Context, Section, load_results, save_results, settings
 from interp.models import model_label
 from interp.plotting import figure, save_figure
@@ -54,18 +55,18 @@ QUICK = Settings(strengths=(0.0, 1.0), alphas=(-1.0, 0.0, 1.0), generations=2, n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--positions", type=int, help=f"ADL: first positions averaged (default {FULL.positions})")
+    p.add_argument("--positions", type=positive_int, help=f"ADL: first positions averaged (default {FULL.positions})")
     p.add_argument("--readout", choices=("tuned", "base"), help="ADL: whose final norm and unembedding read the "
                                                                 "differences (default tuned)")
     p.add_argument("--adl-layer", type=_layer, help="ADL readout layer: last (default), score, or an index")
-    p.add_argument("--strengths", type=float, nargs="+", help="steering strengths, in units of a typical "
+    p.add_argument("--strengths", type=finite_float, nargs="+", help="steering strengths, in units of a typical "
                                                               "activation norm")
-    p.add_argument("--tolerance", type=float, help=f"coherence: loss increase allowed (nats, default "
+    p.add_argument("--tolerance", type=positive_float, help=f"coherence: loss increase allowed (nats, default "
                                                    f"{FULL.tolerance})")
-    p.add_argument("--alphas", type=float, nargs="+", help="amplification alphas (0 tuned, -1 base)")
+    p.add_argument("--alphas", type=finite_float, nargs="+", help="amplification alphas (0 tuned, -1 base)")
     p.add_argument("--crosscoder", action=argparse.BooleanOptionalAction, default=None,
                    help="train a crosscoder at the middle layer (default on, off with --quick)")
-    p.add_argument("--crosscoder-steps", type=int, help=f"crosscoder training steps (default {FULL.crosscoder_steps})")
+    p.add_argument("--crosscoder-steps", type=positive_int, help=f"crosscoder training steps (default {FULL.crosscoder_steps})")
 
 
 def _layer(text: str) -> int | str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from analyses import weights
+from interp.app.args import finite_float, positive_int
 from interp.app.context import Context, Section, load_results, save_results, settings
 from interp.errors import BadOption
 from interp.models import Pair
@@ -50,13 +51,13 @@ FULL, QUICK = Settings(), Settings(alphas=(0.0, 1.0), betas=(0.0, 1.0), sweep_pr
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--alphas", type=float, nargs="+", help=f"LiNeS alphas (default {' '.join(map(str, FULL.alphas))})")
-    p.add_argument("--betas", type=float, nargs="+", help=f"LiNeS betas (default {' '.join(map(str, FULL.betas))}; "
+    p.add_argument("--alphas", type=finite_float, nargs="+", help=f"LiNeS alphas (default {' '.join(map(str, FULL.alphas))})")
+    p.add_argument("--betas", type=finite_float, nargs="+", help=f"LiNeS betas (default {' '.join(map(str, FULL.betas))}; "
                                                           f"beta 0, uniform scaling, is always run)")
-    p.add_argument("--sweep-prompts", type=int, help=f"prompts per set in the sweeps (default {FULL.sweep_prompts})")
+    p.add_argument("--sweep-prompts", type=positive_int, help=f"prompts per set in the sweeps (default {FULL.sweep_prompts})")
     p.add_argument("--no-cells", dest="cells", action="store_false", default=None,
                    help="skip the reset map's layer x module cells (one reset per module of each layer)")
-    p.add_argument("--merge-lines", type=float, nargs=2, metavar=("ALPHA", "BETA"),
+    p.add_argument("--merge-lines", type=finite_float, nargs=2, metavar=("ALPHA", "BETA"),
                    help="LiNeS scaling of the task-arithmetic sum (default 0.5 0.5)")
     p.add_argument("--steer", help="tuned model of the LiNeS sweep and the reset map, by label or as given to "
                                    "--tuned (default: the one that forgets most)")
