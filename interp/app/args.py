@@ -13,7 +13,7 @@ from interp.app import zoo_defaults
 from interp.app.context import Context
 from interp.errors import ModelNotFound
 from interp.models import check_compatible, load_model, model_label, unique_labels
-from interp.prompts import PromptSet, read_prompt_set
+from interp.prompts import PromptSet, as_prompt_set, read_prompt_set
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,7 +130,7 @@ def prompt_sets(base: str, prompts: Path | None, prompts_b: Path | None, n_promp
     if prompts_b is not None:
         second = read_prompt_set(prompts_b)
         label = second.label + ("-b" if second.label in sets else "")
-        sets[label] = PromptSet(second.prompts, second.answers, label)
+        sets[label] = as_prompt_set(second, label)
     return sets
 
 
@@ -159,7 +159,8 @@ def load_context(base: str, tuned: list[str], out: Path, *, prompts: Path | None
                  quick: bool = False, options: dict | None = None, device: str = "auto", dtype: str = "float32",
                  backend: str = "bridge", step=print) -> Context:
     """Build the zoo models named (only those), read the prompt sets, load base and tuned models once and check
-    every pair. `n_prompts`: zoo prompts per set (default 64, 16 when quick)."""
+    every pair. `n_prompts`: zoo prompts per set (default 64, 16 when quick); `series`: default, a zoo base's."""
+    series = series or zoo_defaults.tuned_and_series(base)[1]
     step("zoo: building (or reusing) the zoo models named")
     zoo_defaults.build([base, *tuned, series])
     sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 64))
@@ -179,8 +180,7 @@ def context_from_args(args, options: dict, many_tuned: bool) -> Context:
     """The Context of `interp <lens>`: --base, --tuned (the first default only, unless the lens takes several),
     --series, the prompt sets, --out, and the lens' own options."""
     tuned = tuned_specs(args.base, args.tuned)
-    series = args.series or zoo_defaults.tuned_and_series(args.base)[1]
     return load_context(args.base, tuned if many_tuned else tuned[:1], args.out, prompts=args.prompts,
-                        prompts_b=args.prompts_b, n_prompts=args.n_prompts, series=series,
+                        prompts_b=args.prompts_b, n_prompts=args.n_prompts, series=args.series,
                         quick=getattr(args, "quick", False), options=options,
                         device=args.device, dtype=args.dtype, backend=args.backend, step=stepper(args.command))

@@ -18,10 +18,9 @@ import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from interp.app import zoo_defaults
+from interp.app import lenses, zoo_defaults
 from interp.app.args import load_context, stepper, tuned_specs
 from interp.app.context import Context, Section
-from interp.app import lenses
 from interp.app.output import claimed
 from interp.app.page import SUMMARY, render
 from interp.errors import ResultNotFound
@@ -49,11 +48,10 @@ def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] |
 def _run_report(root: Path, base, tuned, *, prompts, prompts_b, n_prompts, quick, only, series, real, device, dtype,
                 backend) -> Path:
     step = stepper("report")
-    tuned = tuned_specs(base, tuned)
-    series = series or zoo_defaults.tuned_and_series(base)[1]
-    ctx = load_context(base, tuned, root, prompts=prompts, prompts_b=prompts_b, n_prompts=n_prompts, series=series,
-                       quick=quick, device=device, dtype=dtype, backend=backend, step=step)
-    summary = {"base": str(base), "tuned": ctx.specs, "series": series, "quick": quick,
+    ctx = load_context(base, tuned_specs(base, tuned), root, prompts=prompts, prompts_b=prompts_b,
+                       n_prompts=n_prompts, series=series, quick=quick, device=device, dtype=dtype, backend=backend,
+                       step=step)
+    summary = {"base": str(base), "tuned": ctx.specs, "series": ctx.series, "quick": quick,
                "prompt_sets": {k: len(v) for k, v in ctx.sets.items()}, "sections": [], "parts": [],
                "complete": False}
     names = [n for n in lenses.LENSES if only is None or n in only]

