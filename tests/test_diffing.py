@@ -169,3 +169,22 @@ def test_results_round_trip(pair, prompts, tmp_path):
     for i, result in enumerate((kl, adl, amp)):
         back = type(result).load(result.save(tmp_path / str(i)))
         assert back.to_frame().equals(result.to_frame())
+
+
+def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, prompts):
+    """A direction promoting one token, added at the last layer at every position, tops every source's ranking
+    (the ADL's readout, diff mining, the first reply token), so the fused score is sum_s 1 / (RRF + 1)."""
+    base = pair.base
+    planted = load_model(base.hf.name_or_path, device="cpu")
+    token = 17
+    w_u = base.hf.get_output_embeddings().weight.detach()
+    planted.edits.append(add(resid_post(base.n_layers - 1), 40 * torch.nn.functional.normalize(w_u[token] - w_u.mean(0),
+                                                                                                dim=0)))
+    result = diffing.identify(Pair(base, planted), prompts, prompts[:3])
+    name = diffing.identify_normalise(base.tokenizer.decode([token]))
+    assert set(result.sources) == {"adl", "kl", "reply"}
+    assert all(ranked[0] == name for ranked in result.sources.values())
+    assert result.tokens[0] == name and result.scores[0] == pytest.approx(3 / (diffing.RRF + 1))
+    assert diffing.hits(result, [name.upper()], n=1) == [name.upper()]
+    same = diffing.reply_change(Pair(base, base), prompts[:3])
+    assert same.abs().max() == 0

@@ -15,8 +15,9 @@ from analyses.lid.estimators import (
     neighbourhood_twonn,
     twonn_global,
     twonn_local,
+    twonn_plan,
 )
-from analyses.lid.knn import deduplicate, distinct_rows, knn
+from analyses.lid.knn import KnnPlan, deduplicate, distinct_rows, knn, knn_plan
 
 EMBEDDING_DIM = 384
 
@@ -172,6 +173,57 @@ def test_neighbourhood_twonn_at_query_points_matches_reference():
 def test_knn_refuses_too_many_neighbours():
     with pytest.raises(ValueError, match="lower k"):
         knn(torch.randn(10, 4), 10)
+
+
+# Chunk plans: everything a pass holds at once fits the budget
+
+
+def test_knn_plan_counts_every_buffer_on_known_numbers():
+    """1000 points of 16 float32 coordinates, k = 10, 1 MiB. Held throughout: points 64,000 B + indices 80,000 B.
+    Ranking: + centred points 64,000, squared norms 4,000, top-k queue 16,000 = 228,000 B, then 4,040 B a block
+    row (1,010 floats), at most 2**20 // (4 (2000 + 10)) = 130 rows. Measuring: + distances 40,000 = 184,000 B,
+    then 840 B a row (a 10 x 16 neighbourhood, 10 sorted distances and 20 indices) in half the budget: 624 rows."""
+    assert knn_plan(1000, 16, 10, torch.float32, 2**20) == KnnPlan(130, 624, 228_000 + 130 * 4_040)
+    # float64, 300 queries: + query copies 2 x 38,400 B; 80 B a block row over 2**20 // 16,080 = 65 rows
+    assert knn_plan(1000, 16, 10, torch.float64, 2**20, queries=300) == KnnPlan(65, 300, 380_800 + 65 * 8_080)
+    # a budget below what the points and results take: one row at a time, and the plan says it is over
+    assert knn_plan(1000, 16, 10, torch.float32, 100_000) == KnnPlan(1, 1, 228_000 + 4_040)
+
+
+def test_twonn_plan_counts_every_buffer_on_known_numbers():
+    """As above, each point's 10 neighbours its neighbourhood: held 268,000 B (points, lists, r1 and r2, the
+    estimates), the lists' heads 120,000 B, then 3,688 B a neighbourhood (1,000 marks, 8 B of offset, 268 B a
+    member) in half the budget: 142 neighbourhoods; their heads' 31,240 B a row make room for 1,201 members'
+    whole lists (260 B each) or 213 members measured (1,464 B each); the fit takes 520 B a neighbourhood."""
+    plan = twonn_plan(1000, 16, 10, 10, torch.float32, 2**20)
+    assert (plan.hood_rows, plan.list_members, plan.measured_members, plan.fit_rows) == (142, 1201, 213, 1000)
+    assert plan.peak == 388_000 + 142 * 3_688 <= 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plans_for_the_benchmarks_clouds_fit_their_budget(dtype):
+    """60,000 points of 128 coordinates, k = 128: every budget that holds the points, lists and results is kept,
+    with chunks that grow with it; one that does not runs a row at a time and says it is over."""
+    n, d, k = 60_000, 128, 128
+    for plan_of in (lambda budget: knn_plan(n, d, k, dtype, budget), lambda budget: twonn_plan(n, d, k, k, dtype, budget)):
+        plans = [plan_of(budget) for budget in (2**29, 2**30, 2**32)]
+        assert all(plan.peak <= budget for plan, budget in zip(plans, (2**29, 2**30, 2**32)))
+        assert 1 < plans[0].hood_rows < plans[1].hood_rows < plans[2].hood_rows
+        assert plan_of(2**20).hood_rows == 1 and plan_of(2**20).peak > 2**20
+    assert knn_plan(n, d, k, torch.float32, 2**30).block_rows == 2**30 // (4 * (2 * n + k))  # the rows they had
+
+
+def test_a_budget_changes_chunks_not_results():
+    """Any chunking gives the same bits, from one chunk (the default budget) to a row or member at a time."""
+    points = swiss_roll(400, seed=3).float()
+    _, hoods = knn(points, 30)
+    distances, neighbours = knn(points, 2)  # lists of 2: nearly every member is measured directly
+    for budget in (5_000, 300_000):
+        assert all(torch.equal(a, b) for a, b in zip(knn(points, 20, memory_budget=budget), knn(points, 20)))
+        assert torch.equal(twonn_local(points, 20, memory_budget=budget), twonn_local(points, 20))
+        assert torch.equal(levina_bickel_local(points, 20, memory_budget=budget), levina_bickel_local(points, 20))
+        assert torch.equal(neighbourhood_twonn(points, distances, neighbours, hoods, memory_budget=budget),
+                           neighbourhood_twonn(points, distances, neighbours, hoods))
 
 
 # Recovery of known dimensions

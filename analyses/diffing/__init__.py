@@ -7,6 +7,7 @@
     crosscoder.py  `paired_activations`, `train_crosscoder -> CrosscoderResult`: a BatchTopK crosscoder (own trainer)
     scaling.py     `latent_scaling(cc, data, models) -> LatentScaling`: nu = beta_PT / beta_FT, labels, grounding;
                    `latent_direction` to steer with a latent
+    identify.py    `identify(pair, corpus, questions) -> Identification`: blind ranked tokens of what a fine-tune did
     amplify.py     `amplify(pair, alpha)`, `scale_update(pair, alpha)` (contexts), `amplification -> Amplification`
     plots.py       the figures, each from a saved result
 
@@ -39,11 +40,14 @@ from analyses.diffing.crosscoder import (
     paired_activations,
     train_crosscoder,
 )
+from analyses.diffing.identify import RRF, Identification, hits, identify, reply_change
+from analyses.diffing.identify import normalise as identify_normalise
 from analyses.diffing.kl import KLResult, measure_kl
 from analyses.diffing.plots import (
     plot_adl_norms,
     plot_adl_tokens,
     plot_amplification,
+    plot_identification,
     plot_kl_tokens,
     plot_latent_scaling,
     plot_mined,
@@ -67,10 +71,10 @@ from analyses.diffing.steering import (
 
 measure = measure_adl
 
-__all__ = ["ALPHAS", "LABELS", "POSITIONS", "SCALES", "STRENGTHS", "THRESHOLD", "TOLERANCE", "ADLResult",
-           "Amplification", "Amplified", "Crosscoder", "CrosscoderResult", "KLResult", "LatentScaling",
+__all__ = ["ALPHAS", "LABELS", "POSITIONS", "RRF", "SCALES", "STRENGTHS", "THRESHOLD", "TOLERANCE", "ADLResult",
+           "Amplification", "Amplified", "Crosscoder", "CrosscoderResult", "Identification", "KLResult", "LatentScaling",
            "PairedActivations", "SteeringSweep", "amplification", "amplified_logits", "amplify", "differences",
-           "latent_direction", "latent_scaling", "layer_scores", "measure", "measure_adl", "measure_kl",
-           "paired_activations", "patchscope", "plot_adl_norms", "plot_adl_tokens", "plot_amplification",
-           "plot_kl_tokens", "plot_latent_scaling", "plot_mined", "plot_steering_sweep", "plot_training",
+           "hits", "identify", "identify_normalise", "latent_direction", "latent_scaling", "layer_scores", "measure", "measure_adl", "measure_kl",
+           "paired_activations", "patchscope", "reply_change", "plot_adl_norms", "plot_adl_tokens", "plot_amplification",
+           "plot_identification", "plot_kl_tokens", "plot_latent_scaling", "plot_mined", "plot_steering_sweep", "plot_training",
            "scale_update", "steer", "strength_sweep", "train_crosscoder"]

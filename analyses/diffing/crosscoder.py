@@ -18,6 +18,7 @@ transformer-lens < 4 (installing it would downgrade 4.3 to 3.9); `dictionary-lea
 Training data: `paired_activations` captures resid_post at `layer` of both models on every real token (position 0
 left out by default: the same token in every text and, in real models, massive activations), in memory or, over the
 memory budget, streamed to shards on disk (`interp.capture`) and read back one shard pair at a time.
+`PairedActivations.from_stores` reads two activation stores of one corpus (`interp.store`) the same way.
 """
 
 from __future__ import annotations
@@ -39,23 +40,27 @@ from interp.models import Pair
 from interp.prompts import PromptSet, Tokens, as_tokens
 from interp.results import Result
 from interp.sites import resid_post
+from interp.store import ActivationStore
 
 
 @dataclass
 class PairedActivations:
     """resid_post.`layer` of base and tuned on the same tokens: rows [token, d_model] (`where` [token, 2] their
-    (prompt, position)); `base`/`tuned` are the Activations captures, in memory or sharded."""
+    (prompt, position)); `base`/`tuned` are the Activations captures, in memory or sharded, or two activation stores
+    (`from_stores`: no `tokens` or `where`, `n_rows` rows)."""
 
     layer: int
-    tokens: Tokens
+    tokens: Tokens | None
     base: object
     tuned: object
-    where: Int[Tensor, "token 2"]
+    where: Int[Tensor, "token 2"] | None
     base_name: str = "base"
     tuned_name: str = "tuned"
+    n_rows: int = 0
+    skip_first: bool = False
 
     def __len__(self) -> int:
-        return len(self.where)
+        return self.n_rows if self.where is None else len(self.where)
 
     @property
     def names(self) -> tuple[str, str]:
@@ -69,18 +74,35 @@ class PairedActivations:
         where = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], 1)
         return cls(layer, Tokens(torch.zeros(1, n, dtype=torch.long), torch.tensor([n]), 0), base, tuned, where)
 
+    @classmethod
+    def from_stores(cls, base: ActivationStore, tuned: ActivationStore, layer: int, *,
+                    skip_first: bool = True) -> PairedActivations:
+        """resid_post.`layer` of two activation stores of the same corpus, a shard pair a chunk; `skip_first` leaves
+        out the first token of every window (of every forward, as `paired_activations` leaves out position 0)."""
+        base.check_aligned(tuned)
+        key = str(resid_post(layer))
+        for store in (base, tuned):
+            store.key(key)
+        n = sum(int(_kept(base, i, skip_first).sum()) for i in range(base.n_shards))
+        return cls(layer, None, base, tuned, None, base.name, tuned.name, n_rows=n, skip_first=skip_first)
+
     def _shards(self, acts) -> list[Path] | None:
         if isinstance(acts, Tensor) or acts.shard_dir is None:
             return None
         return sorted(acts.shard_dir.glob("shard-*.safetensors"))
 
     def n_chunks(self) -> int:
+        if isinstance(self.base, ActivationStore):
+            return self.base.n_shards
         shards = self._shards(self.base)
         return 1 if shards is None else len(shards)
 
     def chunk(self, i: int) -> tuple[Tensor, Tensor]:
         """(base rows, tuned rows) of shard pair `i` (the whole set when it is in memory), float32."""
         key = str(resid_post(self.layer))
+        if isinstance(self.base, ActivationStore):
+            kept = _kept(self.base, i, self.skip_first)
+            return tuple(store.shard(i, [key])[key][kept].float() for store in (self.base, self.tuned))
         if isinstance(self.base, Tensor):
             return self.base.float(), self.tuned.float()
         if self.base.shard_dir is None:
@@ -103,6 +125,12 @@ class PairedActivations:
                 order = torch.randperm(len(x), generator=gen)
                 for s in range(0, max(len(x) - batch_size + 1, 1), batch_size):
                     yield x[order[s: s + batch_size]]
+
+
+def _kept(store: ActivationStore, i: int, skip_first: bool) -> Tensor:
+    """[token] mask of the rows of shard `i` kept: all, or all but the first token of every window."""
+    position = store.shard(i, ["position"])["position"]
+    return position % store.window != 0 if skip_first else torch.ones_like(position, dtype=torch.bool)
 
 
 def paired_activations(pair: Pair, prompts: PromptSet | Sequence[str] | Tokens, layer: int, *,

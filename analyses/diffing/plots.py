@@ -121,3 +121,13 @@ def plot_amplification(result, ax=None):
            title="Amplification")
     ax.legend()
     return ax
+
+
+def plot_identification(result, ax=None, n: int = 20):
+    """The fused identification ranking: reciprocal-rank score of the top `n` tokens, best at the top."""
+    ax = _ax(ax, height=0.14 * n + 0.8)
+    tokens, scores = result.tokens[:n][::-1], result.scores[:n][::-1]
+    ax.barh(range(len(tokens)), scores, color=model_color(result.tuned))
+    ax.set_yticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens])
+    ax.set(xlabel="reciprocal-rank score", title=f"What was {result.tuned} tuned to do?")
+    return ax

@@ -4,7 +4,7 @@ Tokens are drawn with a seeded generator. With `deduplicate`, a token whose whol
 token's is dropped before the forward (in a causal model it has the same vector, and deciding on token ids is
 immune to batch-dependent round-off), and exactly equal vectors left after it are dropped too, as the reference
 code does. A site is `resid_post.l` (an int l, negative from the end), "final" (the final norm's output), or any
-site name.
+site name. `store_clouds` draws the clouds from an activation store (`interp.store`) instead of running a model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from interp.capture import DEFAULT_BUDGET, capture
 from interp.models import Model
 from interp.prompts import Tokens, as_tokens
 from interp.sites import Site, site as parse_site
+from interp.store import ActivationStore
 
 N_TOKENS = 60_000
 """Points per cloud (the paper's N)."""
@@ -115,6 +116,54 @@ def iter_clouds(model: Model, prompts, layers, *, n_tokens, seed, deduplicate, e
         points = acts[s]
         keep = distinct_rows(points) if deduplicate else torch.arange(len(points))
         yield str(s), PointCloud(str(s), points[keep], where[keep, 0], where[keep, 1])
+
+
+def store_clouds(store: ActivationStore, layers=None, *, n_tokens: int | None = N_TOKENS, seed: int = 0,
+                 deduplicate: bool = True) -> Iterator[tuple[str, PointCloud]]:
+    """Clouds of the same sampled tokens of an activation store (`interp.store`) at each of `layers`, one site at a
+    time, the store read one shard at a time. Tokens are drawn as `sample_tokens` draws them, each window of the
+    store playing a prompt (a corpus of documents that fit one window gives the clouds `point_clouds` gives with
+    the documents as prompts), except that a prefix is recognised by a 62-bit hash of its token ids; a cloud's
+    `prompt` is each token's document and `position` its position in the document."""
+    sites = [layer_site(store, layer) for layer in as_list(layers)]
+    if deduplicate:
+        hashes = torch.cat([_prefix_hashes(**store.shard(i, ["position", "token"]), window=store.window)
+                            for i in range(store.n_shards)])
+        candidates = distinct_rows(hashes[:, None])
+        del hashes
+    else:
+        candidates = torch.arange(len(store))
+    if n_tokens is not None and n_tokens < len(candidates):
+        draw = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:n_tokens]
+        candidates = candidates[draw.sort().values]
+        del draw  # a view of the whole permutation
+    doc, position = store.rows("doc", candidates), store.rows("position", candidates)
+    for s in sites:
+        points = store.rows(str(s), candidates).float()
+        keep = distinct_rows(points) if deduplicate else torch.arange(len(points))
+        points = points[keep]
+        yield str(s), PointCloud(str(s), points, doc[keep], position[keep])
+        del points  # hold no cloud while the next is read
+
+
+_HASH = ((2**31 - 1, 48_271), (1_000_000_007, 911_382_323))  # (modulus, multiplier) of two polynomial hashes
+
+
+def _prefix_hashes(position: Int[Tensor, " token"], token: Int[Tensor, " token"], window: int) -> Int[Tensor, " token"]:
+    """For each token of a shard, a 62-bit hash of its prefix in its window (its own id and those before it in the
+    window; a window starts where position % window == 0, and its tokens are consecutive rows)."""
+    offset = position % window
+    by_offset = offset.argsort(stable=True)  # the rows at offset 0, then those at offset 1, ...
+    ends = offset.bincount().cumsum(0).tolist()
+    parts = []
+    for modulus, multiplier in _HASH:
+        h = torch.zeros_like(token)
+        for p, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+            rows = by_offset[lo:hi]
+            before = h[rows - 1] * multiplier if p else 0
+            h[rows] = (before + token[rows] + 1) % modulus
+        parts.append(h)
+    return parts[0] * _HASH[1][0] + parts[1]
 
 
 def as_list(layers) -> list:

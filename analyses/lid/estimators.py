@@ -15,13 +15,14 @@ them, and TwoNN drops the undefined ratios from its fits, as scikit-dimension do
 """
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from analyses.lid.knn import MEMORY_BUDGET, _working_copy, knn
+from analyses.lid.knn import INDEX, MEMORY_BUDGET, _working_copy, chunk_rows, knn
 from interp.errors import BadOption
 
 
@@ -71,11 +72,17 @@ def neighbourhood_twonn(points: Float[Tensor, "n dim"], distances: Float[Tensor,
     dimension at those queries.
     """
     _check_discard(discard_fraction, method)
-    r1, r2 = _two_nearest_members(points, distances, neighbours, hoods, memory_budget)
-    undefined = int((r1 == 0).sum())
+    (n, width), (q, k) = neighbours.shape, hoods.shape
+    plan = twonn_plan(n, points.shape[1], width, k, distances.dtype, memory_budget, None if hoods is neighbours else q)
+    r1, r2 = _two_nearest_members(points, distances, neighbours, hoods, plan)
+    local, undefined = r1.new_empty(q), 0
+    for start in range(0, q, plan.fit_rows):
+        rows = slice(start, start + plan.fit_rows)
+        undefined += int((r1[rows] == 0).sum())
+        local[rows] = _twonn_fit(r2[rows] / r1[rows], discard_fraction, method)
     if undefined:
         _warn_duplicates(f"{undefined} neighbourhood ratios r2/r1 had r1 = 0 and were dropped")
-    return _twonn_fit(r2 / r1, discard_fraction, method)
+    return local
 
 
 def twonn_global(points: Float[Tensor, "n dim"], discard_fraction: float = 0.1, *,
@@ -112,16 +119,23 @@ def levina_bickel_local(points: Float[Tensor, "n dim"], k: int = 20, *, memory_b
     """
     if k < 2:
         raise BadOption(f"Levina-Bickel needs k >= 2 neighbours, got k={k}")
-    distances, _ = knn(points, k, memory_budget=memory_budget, dtype=dtype, device=device)
-    return levina_bickel_from_distances(distances)
+    distances = knn(points, k, memory_budget=memory_budget, dtype=dtype, device=device)[0]
+    return levina_bickel_from_distances(distances, memory_budget=memory_budget)
 
 
-def levina_bickel_from_distances(distances: Float[Tensor, "n k"]) -> Float[Tensor, "n"]:
-    """`levina_bickel_local` from sorted k-NN distances (``knn(points, k)[0]``)."""
+def levina_bickel_from_distances(distances: Float[Tensor, "n k"], *,
+                                 memory_budget: int = MEMORY_BUDGET) -> Float[Tensor, "n"]:
+    """`levina_bickel_local` from sorted k-NN distances (``knn(points, k)[0]``), in `chunk_rows` of logs and
+    differences (2 k elements a row) beside the distances and the estimates in ``memory_budget`` bytes."""
     if (distances[:, 0] == 0).any():
         _warn_duplicates(f"{int((distances[:, 0] == 0).sum())} points have estimate 0")
-    log_t = distances.log()
-    return (distances.shape[1] - 1) / (log_t[:, -1:] - log_t[:, :-1]).sum(dim=1)
+    (n, k), e = distances.shape, distances.element_size()
+    rows = chunk_rows(memory_budget, e * n * (k + 1), 2 * e * k, n)
+    local = distances.new_empty(n)
+    for start in range(0, n, rows):
+        log_t = distances[start : start + rows].log()
+        local[start : start + rows] = (k - 1) / (log_t[:, -1:] - log_t[:, :-1]).sum(dim=1)
+    return local
 
 
 def levina_bickel_global(points: Float[Tensor, "n dim"], k: int = 20, *,
@@ -143,35 +157,80 @@ def levina_bickel_global(points: Float[Tensor, "n dim"], k: int = 20, *,
 
 SCAN = 16
 """Entries of each member's neighbour list searched first for its nearest fellow members."""
+FIT_SCRATCH = 48
+"""Bytes of the TwoNN fit's temporaries per ratio, at most (mask, sorted copy, order, sort's scratch, logs, ranks:
+measured at most 37 at float32 or float64)."""
+
+
+@dataclass(frozen=True)
+class TwonnPlan:
+    """Chunks of `neighbourhood_twonn`, and the most bytes it holds at once with them."""
+
+    hood_rows: int  # neighbourhoods whose members are looked up at once
+    list_members: int  # members searching their whole list at once (their list's head holds < 2 fellows)
+    measured_members: int  # members measured to their fellows at once (their whole list holds < 2)
+    fit_rows: int  # neighbourhoods whose ratios are fitted at once
+    peak: int  # bytes; over the budget only where one row or member per chunk is
+
+
+def twonn_plan(n: int, dim: int, width: int, k: int, dtype: torch.dtype = torch.float32,
+               memory_budget: int = MEMORY_BUDGET, queries: int | None = None) -> TwonnPlan:
+    """How `neighbourhood_twonn` chunks n points of ``dim`` coordinates with neighbour lists ``width`` long and
+    neighbourhoods of k members (``queries`` of them; None: the lists themselves, so k = width) so that all it
+    holds at once fits ``memory_budget`` bytes, counting, with e bytes an element and q neighbourhoods:
+
+    throughout: the points (n x dim), the lists (n x width distances and indices), the neighbourhoods (q x k
+    indices, with queries), r1 and r2 (q x k each) and the estimates (q);
+    looking up: the lists' heads (n x SCAN distances and indices) and per neighbourhood a row of marks (n bytes)
+    and per member its marked position, its head's entries (index, shifted index, distance, mark and unmark
+    each), the candidates for r1 and r2 with their positions and the (row, column) where they are missing; the
+    members whose head holds fewer than two fellows then search their whole list, and those whose list holds
+    fewer measure the distance to every fellow (k x dim gathered and subtracted), in pieces that fit in the
+    heads' entries' place;
+    fitting: per neighbourhood its ratios with the fit's temporaries (k x (e + FIT_SCRATCH)).
+
+    Neighbourhoods come in `chunk_rows`.
+    """
+    e, scan = dtype.itemsize, min(SCAN, width)
+    q = n if queries is None else queries
+    held = e * n * dim + (e + INDEX) * n * width + (0 if queries is None else INDEX * q * k) + 2 * e * q * k + e * q
+    looking = held + (e + INDEX) * n * scan
+    entry = 2 * INDEX + e + 2
+    hood_row = n + INDEX + k * (5 * INDEX + 2 * e + scan * entry)
+    hood_rows = chunk_rows(memory_budget, looking, hood_row, q)
+    spare = hood_rows * k * scan * entry
+    listed = width * entry + 4 * INDEX + 2 * e
+    measured = k * (2 * dim * e + INDEX) + dim * e + 4 * INDEX + 2 * e
+    list_members, measured_members = max(1, spare // listed), max(1, spare // measured)
+    fit_row = k * (e + FIT_SCRATCH)
+    fit_rows = chunk_rows(memory_budget, held, fit_row, q)
+    pieces = max(spare, list_members * listed, measured_members * measured)
+    peak = max(looking + hood_rows * hood_row - spare + pieces, held + fit_rows * fit_row)
+    return TwonnPlan(hood_rows, list_members, measured_members, fit_rows, peak)
 
 
 def _two_nearest_members(x: Float[Tensor, "n dim"], distances: Float[Tensor, "n m"], neighbours: Int[Tensor, "n m"],
-                         hoods: Int[Tensor, "q k"], memory_budget: int
+                         hoods: Int[Tensor, "q k"], plan: TwonnPlan
                          ) -> tuple[Float[Tensor, "q k"], Float[Tensor, "q k"]]:
     """r1, r2 of every member j of every neighbourhood H: its distances to its first and second
     nearest other members of H, read from j's sorted list where it holds two of them."""
     (n, width), (q, k) = neighbours.shape, hoods.shape
     scan = min(SCAN, width)
     head = neighbours[:, :scan].contiguous(), distances[:, :scan].contiguous()
-    per_row = n + k * scan * (2 * neighbours.element_size() + distances.element_size() + 1)
-    chunk_size = max(1, min(q, memory_budget // per_row))
-    in_hood = torch.zeros(chunk_size * n, dtype=torch.bool, device=hoods.device)  # [row, point], flat
+    in_hood = torch.zeros(plan.hood_rows * n, dtype=torch.bool, device=hoods.device)  # [row, point], flat
     r1, r2 = distances.new_empty(q, k), distances.new_empty(q, k)
-    for start in range(0, q, chunk_size):
-        members = hoods[start : start + chunk_size]
+    for start in range(0, q, plan.hood_rows):
+        members = hoods[start : start + plan.hood_rows]
         offset = torch.arange(len(members), device=hoods.device)[:, None] * n
         marked = (members + offset).flatten()
         in_hood.index_fill_(0, marked, True)
         first, second = _first_two_on_lists(in_hood, offset, *head, members)
-        missing = second.isinf().nonzero().unbind(dim=1)  # lists whose head holds < 2 members
-        if len(missing[0]):
-            rows = members[missing]
-            first[missing], second[missing] = _first_two_on_lists(
-                in_hood, offset[missing[0]], neighbours, distances, rows
+        for row, column in (part.T for part in second.isinf().nonzero().split(plan.list_members)):  # head < 2
+            first[row, column], second[row, column] = _first_two_on_lists(
+                in_hood, offset[row], neighbours, distances, members[row, column]
             )
-            missing = tuple(index[second[missing].isinf()] for index in missing)  # whole list < 2
-            if len(missing[0]):
-                first[missing], second[missing] = _measure_two_nearest(x, members, missing, memory_budget)
+        for row, column in (part.T for part in second.isinf().nonzero().split(plan.measured_members)):  # list < 2
+            first[row, column], second[row, column] = _measure_two_nearest(x, members, row, column)
         in_hood.index_fill_(0, marked, False)
         r1[start : start + len(members)], r2[start : start + len(members)] = first, second
     return r1, r2
@@ -187,19 +246,12 @@ def _first_two_on_lists(in_hood: Tensor, offset: Int[Tensor, "rows 1"], neighbou
     return _two_smallest(distances[members].masked_fill_(~marked, torch.inf))
 
 
-def _measure_two_nearest(x: Float[Tensor, "n dim"], members: Int[Tensor, "rows k"], missing: tuple[Tensor, Tensor],
-                         memory_budget: int) -> tuple[Tensor, Tensor]:
-    """r1, r2 of the members at ``missing`` (row, column) by direct distances to their neighbourhood."""
-    row, column = missing
-    k, dim = members.shape[1], x.shape[1]
-    chunk_size = max(1, memory_budget // (x.element_size() * k * dim))
-    pieces = []
-    for start in range(0, len(row), chunk_size):
-        r, c = row[start : start + chunk_size], column[start : start + chunk_size]
-        who = members[r, c]
-        to_all = torch.linalg.vector_norm(x[members[r]] - x[who, None], dim=-1)
-        pieces.append(torch.stack(_two_smallest(to_all.masked_fill_(members[r] == who[:, None], torch.inf))))
-    return torch.cat(pieces, dim=1).unbind()
+def _measure_two_nearest(x: Float[Tensor, "n dim"], members: Int[Tensor, "rows k"], row: Int[Tensor, " m"],
+                         column: Int[Tensor, " m"]) -> tuple[Float[Tensor, " m"], Float[Tensor, " m"]]:
+    """r1, r2 of the members at (``row``, ``column``) by direct distances to their neighbourhood."""
+    who = members[row, column]
+    to_all = torch.linalg.vector_norm(x[members[row]] - x[who, None], dim=-1)
+    return _two_smallest(to_all.masked_fill_(members[row] == who[:, None], torch.inf))
 
 
 def _two_smallest(values: Float[Tensor, "... m"]) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:

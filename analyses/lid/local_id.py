@@ -1,5 +1,5 @@
 """Local ID of every point of a cloud, and `measure`: the local IDs of the same sampled tokens in one or more
-models at every measured site (one `LIDResult`).
+models at every measured site (one `LIDResult`); `measure_stores` the same from activation stores of a corpus.
 
 Local ID of each point: TwoNN on its k nearest neighbours (scikit-dimension's pointwise TwoNN, 10% of the ratios
 discarded: the reference code's estimator) or the Levina-Bickel MLE on them; the global TwoNN of the cloud comes
@@ -8,7 +8,7 @@ from the same k-NN pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +16,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from analyses.lid.clouds import N_TOKENS, iter_clouds
+from analyses.lid.clouds import N_TOKENS, PointCloud, iter_clouds, store_clouds
 from analyses.lid.estimators import levina_bickel_from_distances, neighbourhood_twonn, twonn_from_distances
 from analyses.lid.knn import MEMORY_BUDGET, knn
 from interp.errors import BadModelArgument, BadOption, BadPrompts
 from interp.models import Model, Pair, model_label
 from interp.prompts import PromptSet, Tokens, prompt_texts
 from interp.results import Result
+from interp.store import ActivationStore
 
 K = 128
 """Neighbours per local estimate (the reference code's L)."""
@@ -45,7 +46,7 @@ def estimate(points: Float[Tensor, "point d_model"], k: int = K, estimator: str 
         local = neighbourhood_twonn(x, distances, neighbours, neighbours, discard_fraction,
                                     memory_budget=memory_budget)
     else:
-        local = levina_bickel_from_distances(distances)
+        local = levina_bickel_from_distances(distances, memory_budget=memory_budget - x.nbytes - neighbours.nbytes)
     return local.cpu(), twonn_from_distances(distances, discard_fraction)
 
 
@@ -163,22 +164,55 @@ def measure_models(models: dict[str, Model], prompts: PromptSet | Sequence[str] 
     """
     if not models:
         raise BadModelArgument("lid.measure_models needs at least one model: pass {name: model}")
-    cells, global_id, sites = {}, {}, []
-    for i, (name, model) in enumerate(models.items()):
-        for s, cloud in iter_clouds(model, prompts, layers, n_tokens=n_tokens, seed=seed, deduplicate=deduplicate,
-                                    batch_size=batch_size, backend=backend, shard_dir=shard_dir,
-                                    progress=progress):
-            if s not in sites:
-                sites.append(s)
-            j = sites.index(s)
-            local, global_id[i, j] = estimate(cloud.points, k, estimator, discard_fraction=discard_fraction,
-                                              dtype=dtype, device=device or model.device,
-                                              memory_budget=memory_budget)
-            cells.update({f"lid.{i}.{j}": local, f"prompt.{i}.{j}": cloud.prompt,
-                          f"position.{i}.{j}": cloud.position})
+    clouds = {name: iter_clouds(model, prompts, layers, n_tokens=n_tokens, seed=seed, deduplicate=deduplicate,
+                                batch_size=batch_size, backend=backend, shard_dir=shard_dir, progress=progress)
+              for name, model in models.items()}
+    devices = {name: device or model.device for name, model in models.items()}
+    cells, global_id, sites = _estimate_clouds(clouds, devices, k=k, estimator=estimator,
+                                               discard_fraction=discard_fraction, dtype=dtype,
+                                               memory_budget=memory_budget)
     settings = {"n_tokens": n_tokens, "seed": seed, "deduplicate": deduplicate, "discard_fraction": discard_fraction,
                 "dtype": str(dtype).removeprefix("torch.")}
     label = label or (prompts.label if isinstance(prompts, PromptSet) else "prompts")
-    return LIDResult(list(models), sites, prompt_texts(prompts), cells,
-                     [[global_id[i, j] for j in range(len(sites))] for i in range(len(models))], estimator, k, label,
+    return LIDResult(list(models), sites, prompt_texts(prompts), cells, global_id, estimator, k, label,
                      settings=settings)
+
+
+def measure_stores(stores: dict[str, ActivationStore] | ActivationStore, layers=None, *, k: int = K,
+                   n_tokens: int | None = N_TOKENS, estimator: str = "twonn", discard_fraction: float = 0.1,
+                   seed: int = 0, deduplicate: bool = True, dtype: torch.dtype = torch.float32, device=None,
+                   memory_budget: int = MEMORY_BUDGET, label: str | None = None) -> LIDResult:
+    """`measure_models` on activation stores (`interp.store`) instead of models and prompts: {name: store} (or one
+    store, named by its model), the clouds drawn by `store_clouds` (the same tokens in stores of the same corpus), a
+    point's `prompt` its document. k-NN runs on `device` (default CPU); `label` defaults to the corpus file's stem."""
+    if isinstance(stores, ActivationStore):
+        stores = {model_label(stores.name): stores}
+    if not stores:
+        raise BadModelArgument("lid.measure_stores needs at least one store: pass {name: ActivationStore}")
+    clouds = {name: store_clouds(store, layers, n_tokens=n_tokens, seed=seed, deduplicate=deduplicate)
+              for name, store in stores.items()}
+    cells, global_id, sites = _estimate_clouds(clouds, dict.fromkeys(stores, device or "cpu"), k=k,
+                                               estimator=estimator, discard_fraction=discard_fraction, dtype=dtype,
+                                               memory_budget=memory_budget)
+    first = next(iter(stores.values()))
+    settings = {"n_tokens": n_tokens, "seed": seed, "deduplicate": deduplicate, "discard_fraction": discard_fraction,
+                "dtype": str(dtype).removeprefix("torch."), "stores": [str(s.path) for s in stores.values()]}
+    return LIDResult(list(stores), sites, [], cells, global_id, estimator, k,
+                     label or Path(first.manifest["corpus"]["path"]).stem, settings=settings)
+
+
+def _estimate_clouds(clouds: dict[str, Iterator[tuple[str, PointCloud]]], devices: dict, **estimate_kw
+                     ) -> tuple[dict[str, Tensor], list[list[float]], list[str]]:
+    """Local IDs of every model's clouds ({name: (site, cloud) iterator}): the cells of an LIDResult, the global
+    TwoNN [model][site] and the sites in order."""
+    cells, global_id, sites = {}, {}, []
+    for i, (name, model_clouds) in enumerate(clouds.items()):
+        for s, cloud in model_clouds:
+            if s not in sites:
+                sites.append(s)
+            j = sites.index(s)
+            local, global_id[i, j] = estimate(cloud.points, device=devices[name], **estimate_kw)
+            cells.update({f"lid.{i}.{j}": local, f"prompt.{i}.{j}": cloud.prompt,
+                          f"position.{i}.{j}": cloud.position})
+            del cloud  # hold no cloud while the next is read
+    return cells, [[global_id[i, j] for j in range(len(sites))] for i in range(len(clouds))], sites

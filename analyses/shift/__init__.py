@@ -27,6 +27,7 @@ layer from train prompts and the curve from test prompts (a `SteeringCurve`).
     concepts.py   representations, dictionaries, matching, stability and `choose_k` (a `KStability`)
     result.py     `measure(pair, prompts, ...) -> ShiftResult`: shifts, recovery, matching, grounding
     steering.py   `steer` (a context manager), `strength_sweep`, `steering_curve`
+    streamed.py   the K-means / PCA dictionaries and the shifts streamed from activation stores (`measure_stores`)
     plots.py      the figures, each from a saved result
 """
 
@@ -36,15 +37,19 @@ from analyses.shift.concepts import (
 )
 from analyses.shift.plots import plot_concept_table, plot_recovery, plot_shift_norms, plot_strength_sweep, save_figures
 from analyses.shift.result import RECOVERY, TOP, ShiftResult, concept_shifts, decode, measure, recovery
+from analyses.shift.streamed import (
+    StreamedShifts, concept_activations, concept_shifts_streamed, learn_concepts_streamed, measure_stores,
+)
 from analyses.shift.steering import (
     STEER_MODES, STEER_POSITIONS, STRENGTHS, SteeringCurve, StrengthSweep, best_layer, layer_kls, next_token_kl,
     prompt_positions, steer, steering_curve, steering_edit, steering_vectors, strength_sweep,
 )
 
 __all__ = ["K_CANDIDATES", "METHODS", "RECOVERY", "RESTARTS", "STEER_MODES", "STEER_POSITIONS", "STRENGTHS", "TOP",
-           "Concepts", "KStability", "ShiftResult", "SteeringCurve", "StrengthSweep", "best_layer", "choose_k",
-           "concept_shifts", "decode", "items", "kmeans", "layer_kls", "learn_concepts", "match_concepts",
-           "mean_difference", "measure", "next_token_kl", "plot_concept_table", "plot_recovery", "plot_shift_norms",
-           "plot_strength_sweep", "prompt_positions", "recovery", "representations", "save_figures", "semi_nmf",
-           "sites_for", "stability", "steer", "steering_curve", "steering_edit", "steering_vectors",
-           "strength_sweep"]
+           "Concepts", "KStability", "ShiftResult", "SteeringCurve", "StreamedShifts", "StrengthSweep",
+           "best_layer", "choose_k", "concept_activations", "concept_shifts", "concept_shifts_streamed", "decode",
+           "items", "kmeans", "layer_kls", "learn_concepts", "learn_concepts_streamed", "match_concepts",
+           "mean_difference", "measure", "measure_stores", "next_token_kl", "plot_concept_table", "plot_recovery",
+           "plot_shift_norms", "plot_strength_sweep", "prompt_positions", "recovery", "representations",
+           "save_figures", "semi_nmf", "sites_for", "stability", "steer", "steering_curve", "steering_edit",
+           "steering_vectors", "strength_sweep"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -87,12 +88,45 @@ def device_name(text: str) -> str:
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+MAP_STRATEGIES = ("balanced", "balanced_low_0", "sequential")
+PLACEMENT_HELP = ("cuda, cuda:N, cpu, mps, auto (CUDA when present); or a device map splitting the model: "
+                  f"{', '.join(MAP_STRATEGIES)} (over every GPU, the rest offloaded to the CPU; see --max-memory), or "
+                  "a .json file {module: device}")
+
+
+def placement(text: str) -> dict:
+    """A --device value as `load_model` options: {"device": ...} or {"device_map": a strategy or a dict}."""
+    if text in MAP_STRATEGIES:
+        return {"device_map": text}
+    if text.endswith(".json"):
+        try:
+            device_map = json.loads(Path(text).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"device map {text}: {e}") from None
+        if not isinstance(device_map, dict):
+            raise argparse.ArgumentTypeError(f"device map {text} is not a JSON object {{module: device}}")
+        return {"device_map": device_map}
+    return {"device": device_name(text)}
+
+
+def max_memory(text: str) -> dict:
+    """'0=20GiB,1=40GiB,cpu=64GiB' -> {0: "20GiB", 1: "40GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise argparse.ArgumentTypeError(f"{part!r}: write DEVICE=SIZE, e.g. 0=20GiB,cpu=64GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", type=device_name,
-                   help="cuda, cuda:N, cpu, mps, or auto (default: CUDA when present)")
+    p.add_argument("--device", default={"device": "auto"}, type=placement, metavar="DEVICE", help=PLACEMENT_HELP)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    p.add_argument("--max-memory", type=max_memory, metavar="DEV=SIZE,...",
+                   help="memory per device for a device map, e.g. 0=20GiB,1=40GiB,cpu=64GiB (what does not fit "
+                        "on the GPUs is offloaded to the CPU)")
     p.add_argument("--memory-budget", type=positive_float, metavar="GIB",
                    help="GiB a capture may hold in memory before it streams to shards (default 4, or "
                         "$INTERP_MEMORY_BUDGET in bytes)")
@@ -120,6 +154,26 @@ def add_run_arguments(p: argparse.ArgumentParser, *, many_tuned: bool, out_defau
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out (a "
                                                             "folder that holds results is refused otherwise)")
     add_model_arguments(p)
+    for side in ("base", "tuned"):
+        p.add_argument(f"--{side}-device", type=placement, metavar="DEVICE",
+                       help=f"where the {side} model lives, instead of --device (same values)")
+        p.add_argument(f"--{side}-dtype", choices=DTYPES, help=f"the {side} model's dtype, instead of --dtype")
+
+
+def model_options(args, side: str | None = None) -> dict:
+    """`load_model` placement options from the parsed arguments: --device, --dtype, --max-memory, overridden for
+    one model of the pair by --base-* / --tuned-* (`side`)."""
+    where = getattr(args, f"{side}_device", None) if side else None
+    dtype = getattr(args, f"{side}_dtype", None) if side else None
+    out = {**(where or args.device), "dtype": dtype or args.dtype}
+    if "device_map" in out and args.max_memory is not None:
+        out["max_memory"] = args.max_memory
+    return out
+
+
+def pair_options(args) -> dict[str, dict]:
+    """{"base": options, "tuned": options} for `load_context` (see `model_options`)."""
+    return {side: model_options(args, side) for side in ("base", "tuned")}
 
 
 def prompt_sets(base: str, prompts: Path | None, prompts_b: Path | None, n_prompts: int) -> dict[str, PromptSet]:
@@ -157,18 +211,21 @@ def stepper(prefix: str):
 def load_context(base: str, tuned: list[str], out: Path, *, prompts: Path | None = None,
                  prompts_b: Path | None = None, n_prompts: int | None = None, series: str | None = None,
                  quick: bool = False, options: dict | None = None, device: str = "auto", dtype: str = "float32",
-                 backend: str = "bridge", step=print) -> Context:
+                 backend: str = "bridge", placement: dict[str, dict] | None = None, step=print) -> Context:
     """Build the zoo models named (only those), read the prompt sets, load base and tuned models once and check
-    every pair. `n_prompts`: zoo prompts per set (default 64, 16 when quick); `series`: default, a zoo base's."""
+    every pair. `n_prompts`: zoo prompts per set (default 64, 16 when quick); `series`: default, a zoo base's.
+    `placement` ({"base": ..., "tuned": ...}, `load_model` options such as device, dtype, device_map) replaces
+    `device` and `dtype` per model."""
     series = series or zoo_defaults.tuned_and_series(base)[1]
     step("zoo: building (or reusing) the zoo models named")
     zoo_defaults.build([base, *tuned, series])
     sets = prompt_sets(base, prompts, prompts_b, n_prompts or (16 if quick else 64))
     step(f"loading {base} and {', '.join(map(str, tuned))}")
-    kw = dict(device=device, dtype=dtype, backend=backend)
-    base_model = load_model(base, **kw)
+    placement = placement or {side: dict(device=device, dtype=dtype) for side in ("base", "tuned")}
+    base_model = load_model(base, backend=backend, **placement["base"])
     labels = unique_labels([model_label(t) for t in tuned])
-    models = {label: load_model(spec, base=base, **kw) for label, spec in zip(labels, tuned)}
+    models = {label: load_model(spec, base=base, backend=backend, **placement["tuned"])
+              for label, spec in zip(labels, tuned)}
     for model in models.values():
         check_compatible(base_model, model)
     out = Path(out)
@@ -183,4 +240,4 @@ def context_from_args(args, options: dict, many_tuned: bool) -> Context:
     return load_context(args.base, tuned if many_tuned else tuned[:1], args.out, prompts=args.prompts,
                         prompts_b=args.prompts_b, n_prompts=args.n_prompts, series=args.series,
                         quick=getattr(args, "quick", False), options=options,
-                        device=args.device, dtype=args.dtype, backend=args.backend, step=stepper(args.command))
+                        placement=pair_options(args), backend=args.backend, step=stepper(args.command))

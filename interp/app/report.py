@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from interp.app import lenses, zoo_defaults
-from interp.app.args import load_context, stepper, tuned_specs
+from interp.app.args import load_context, pair_options, stepper, tuned_specs
 from interp.app.context import Context, Section
 from interp.app.output import claimed
 from interp.app.page import SUMMARY, render
@@ -32,25 +32,27 @@ REAL_PART = "real"
 def run_report(out: str | Path, base: str = "zoo:base", tuned: tuple[str, ...] | list[str] | None = None, *,
                prompts: Path | None = None, prompts_b: Path | None = None, n_prompts: int | None = None,
                quick: bool = False, only: list[str] | None = None, series: str | None = None, real: bool = False,
-               device: str = "auto", dtype: str = "float32", backend: str = "bridge", overwrite: bool = False) -> Path:
+               device: str = "auto", dtype: str = "float32", backend: str = "bridge", overwrite: bool = False,
+               placement: dict[str, dict] | None = None) -> Path:
     """Run every lens (or `only` these) and write DIR/index.html and DIR/summary.json; returns index.html.
 
     tuned: default, a zoo base's fine-tunes. series: a checkpoint series of the same fine-tuning (default on zoo
     bases: the zoo's own). real: add the real-model part, `REAL_SECTIONS` on zoo:smol vs `REAL_TUNED` (with the
     smol series) in DIR/real, summarised on the page (builds the real zoo, which needs the `real` extra). A DIR
-    that holds an earlier report is refused unless `overwrite` (see `interp.app.output`)."""
+    that holds an earlier report is refused unless `overwrite` (see `interp.app.output`). `placement`: per-model
+    load options in place of device and dtype (`interp.app.args.load_context`)."""
     with claimed(out, overwrite=overwrite) as root:
         return _run_report(root, base, tuned, prompts=prompts, prompts_b=prompts_b, n_prompts=n_prompts,
                            quick=quick, only=only, series=series, real=real, device=device, dtype=dtype,
-                           backend=backend)
+                           backend=backend, placement=placement)
 
 
 def _run_report(root: Path, base, tuned, *, prompts, prompts_b, n_prompts, quick, only, series, real, device, dtype,
-                backend) -> Path:
+                backend, placement) -> Path:
     step = stepper("report")
     ctx = load_context(base, tuned_specs(base, tuned), root, prompts=prompts, prompts_b=prompts_b,
                        n_prompts=n_prompts, series=series, quick=quick, device=device, dtype=dtype, backend=backend,
-                       step=step)
+                       placement=placement, step=step)
     summary = {"base": str(base), "tuned": ctx.specs, "series": ctx.series, "quick": quick,
                "prompt_sets": {k: len(v) for k, v in ctx.sets.items()}, "sections": [], "parts": [],
                "complete": False}
@@ -69,7 +71,7 @@ def _run_report(root: Path, base, tuned, *, prompts, prompts_b, n_prompts, quick
         step(f"real model: zoo:smol vs {', '.join(zoo_defaults.REAL_TUNED)} in {root / REAL_PART}")
         run_report(root / REAL_PART, "zoo:smol", zoo_defaults.REAL_TUNED, n_prompts=n_prompts, quick=quick,
                    only=[n for n in zoo_defaults.REAL_SECTIONS if only is None or n in only],
-                   device=device, dtype=dtype, backend=backend)
+                   device=device, dtype=dtype, backend=backend, placement=placement)
         summary["parts"].append({"folder": REAL_PART, "title": "Real model: SmolLM2-135M-Instruct (zoo:smol)"})
     summary["complete"] = True
     _write(root, summary)
@@ -134,8 +136,8 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> None:
     index = run_report(args.out, args.base, args.tuned, prompts=args.prompts, prompts_b=args.prompts_b,
                        n_prompts=args.n_prompts, quick=args.quick, only=args.only, series=args.series,
-                       real=args.real, device=args.device, dtype=args.dtype, backend=args.backend,
-                       overwrite=args.overwrite)
+                       real=args.real, backend=args.backend, overwrite=args.overwrite,
+                       placement=pair_options(args))
     summary = json.loads((args.out / SUMMARY).read_text())
     failed = [s["name"] for s in summary["sections"] if s["error"]] + [
         f'{p["folder"]}/{s["name"]}' for p in summary["parts"]

@@ -60,12 +60,17 @@ def build(specs, progress: bool = True) -> None:
     names = [str(s).removeprefix(ZOO_PREFIX) for s in specs if s and is_zoo(s)]
     tiny = [n for n in names if n in zoo.MODEL_NAMES]
     real = [n for n in names if n in zoo.REAL_NAMES]
+    organisms = [n for n in names if n in zoo.ORGANISM_NAMES]
     if tiny:
         zoo.build(names=tiny, progress=progress)
     if real:
         from interp.zoo import smol
 
         smol.build_real(names=real, progress=progress)
+    if organisms:
+        from interp.zoo.organisms import build_organisms
+
+        build_organisms(names=organisms, progress=progress)
     if any(n in zoo.GEMMA_NAMES for n in names):
         from interp.zoo.gemma3 import build_gemma3
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from interp.errors import UnsupportedArchitecture
+from interp.placement import resident
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,6 @@ def post_norm_scale(arch: Architecture, norm: nn.Module, y: torch.Tensor) -> tor
     per-position 1 / rms(y) times the gain, computed in float32 as HF's RMSNorms do."""
     eps = getattr(norm, "eps", None)
     eps = getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
-    gain = norm.weight.float() + (1.0 if arch.family.norm_offset else 0.0)
+    gain = resident(norm, "weight").float() + (1.0 if arch.family.norm_offset else 0.0)
     y32 = y.float()
     return (torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps) * gain).to(y.dtype)

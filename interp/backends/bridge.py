@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
 
-from interp.backends import Metric, RunOutput
+from interp.backends import Metric, Past, RunOutput
 from interp.backends.architectures import post_norm_scale
 from interp.backends.blending import blending
 from interp.intervene import Edit, by_site, split
+from interp.placement import resident
 from interp.prompts import Batch
 from interp.sites import Site
 
@@ -33,13 +34,22 @@ def hook_name(s: Site) -> str:
 
 
 @contextmanager
-def _attn_result(bridge, on: bool):
-    """Per-head outputs (`hook_result`) are only computed while `use_attn_result` is set."""
+def _attn_result(model, layers: set[int]):
+    """Per-head outputs (`hook_result`) at `layers` are only computed while `use_attn_result` is set. TransformerLens
+    computes them from the output projection's weight without running that module, so where a device map offloads
+    it, its weight is loaded for the run (accelerate's `align_module_device`)."""
+    from accelerate.utils import align_module_device
+
+    bridge, on = model.bridge, bool(layers)
     before = bool(getattr(bridge.cfg, "use_attn_result", False))
     if on != before:
         bridge.set_use_attn_result(on)
     try:
-        yield
+        with ExitStack() as stack:
+            for layer in sorted(layers):
+                o_proj = model.architecture.layer(bridge.original_model, layer, model.architecture.o_proj)
+                stack.enter_context(align_module_device(o_proj._modules.get("_original_component", o_proj)))
+            yield
     finally:
         if on != before:
             bridge.set_use_attn_result(before)
@@ -88,7 +98,8 @@ def hooks_for(model, batch: Batch | None, read: list[Site], edits: list[Edit], a
             scale = post_norm_scale(arch, norm, stash["y", layer])
             heads = _apply(edits_at.get(heads_site, ()), stash["heads", layer] * scale[:, :, None], batch)
             if edits_at.get(heads_site):
-                x = heads.sum(2) + (o_proj.bias * scale if o_proj.bias is not None else 0.0)
+                bias = resident(o_proj, "bias")
+                x = heads.sum(2) + (bias * scale if bias is not None else 0.0)
             keep(heads_site, heads, grad_of=x)
         x = _apply(edits_at.get(attn_site, ()), x, batch)
         keep(attn_site, x)
@@ -134,20 +145,46 @@ def _start_graph(act, hook):
     return act.detach().requires_grad_(True)
 
 
-def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None) -> RunOutput:
+def _cache_as_past_key_values(module, args, kwargs):
+    """transformer-lens 4.3's attention components read the KV cache from `past_key_values` (or `layer_past`) only;
+    transformers 5.x passes it to the layers as `cache`, so without this the cache is never extended and a cached
+    decoding step attends to its own token alone (why TransformerBridge.generate disagrees with Hugging Face)."""
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return args, kwargs
+
+
+@contextmanager
+def _kv_cache(bridge, on: bool):
+    """Hand the attention components the KV cache under the name they read (`_cache_as_past_key_values`)."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    handles = [m.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True)
+               for m in bridge.modules() if on and isinstance(m, AttentionBridge)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None,
+        past: Past | None = None) -> RunOutput:
     bridge = model.bridge
     edits, blends = split(edits)
     acts: dict[Site, torch.Tensor] = {}
     grads: dict[Site, torch.Tensor] | None = {} if metric is not None else None
     device = model.device
+    inputs = (past.forward_kwargs(bridge.original_model, device) if past is not None else
+              {"attention_mask": batch.attention_mask.to(device), "use_cache": False})
     with blending(bridge.original_model, model.architecture, blends) as mixes:
         hooks = hooks_for(model, batch, read, mixes + edits, acts, grads)
         if metric is not None:
             hooks.insert(0, ("hook_embed", _start_graph))
-        need_heads = any(name.endswith("hook_result") for name, _ in hooks)
-        with _attn_result(bridge, need_heads), bridge.hooks(fwd_hooks=hooks), torch.set_grad_enabled(metric is not None):
-            logits = bridge(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            return_type="logits", use_cache=False)
+        need_heads = {int(name.split(".")[1]) for name, _ in hooks if name.endswith("attn.hook_result")}
+        with _attn_result(model, need_heads), _kv_cache(bridge, past is not None), bridge.hooks(fwd_hooks=hooks), \
+                torch.set_grad_enabled(metric is not None):
+            logits = bridge(batch.input_ids.to(device), return_type="logits", **inputs)
             value = None
             if metric is not None:
                 value = metric(logits, batch)

@@ -12,10 +12,11 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from interp.backends import Metric, RunOutput
+from interp.backends import Metric, Past, RunOutput
 from interp.backends.architectures import Architecture, architecture, post_norm_scale
 from interp.backends.blending import blending
 from interp.intervene import Edit, by_site, split
+from interp.placement import resident
 from interp.prompts import Batch
 from interp.sites import Site
 
@@ -30,12 +31,13 @@ def _envoy(root, path: str):
 
 def _w_o(module: nn.Module, n_heads: int, conv1d: bool) -> torch.Tensor:
     """Output projection as [head, d_head, d_model]."""
-    weight = module.weight if conv1d else module.weight.T
+    weight = resident(module, "weight") if conv1d else resident(module, "weight").T
     return rearrange(weight, "(head d_head) d_model -> head d_head d_model", head=n_heads)
 
 
 def _bias(module: nn.Module) -> torch.Tensor | float:
-    return module.bias if getattr(module, "bias", None) is not None else 0.0
+    bias = resident(module, "bias")
+    return bias if bias is not None else 0.0
 
 
 def _first(value):
@@ -133,18 +135,21 @@ def _site_grad(value: torch.Tensor, grad: torch.Tensor, s: Site) -> torch.Tensor
     return grad[:, :, None].expand_as(value) if s.kind == "head_out" else grad
 
 
-def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None) -> RunOutput:
+def run(model, batch: Batch, read: list[Site], edits: list[Edit], metric: Metric | None,
+        past: Past | None = None) -> RunOutput:
     arch = model.architecture
     nn_model = model.nnsight
     edits, blends = split(edits)
     device = model.device
     out: dict = {"acts": {}, "grads": {}}
+    inputs = (past.forward_kwargs(model.hf, device) if past is not None else
+              {"attention_mask": batch.attention_mask.to(device), "position_ids": batch.position_ids.to(device),
+               "use_cache": False})
     with blending(model.hf, arch, blends) as mixes:
         edits_at = by_site(mixes + edits)
         sites = sorted(set(read) | set(edits_at), key=Site.order_key)
-        with torch.set_grad_enabled(metric is not None), nn_model.trace(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                position_ids=batch.position_ids.to(device), use_cache=False):
+        with torch.set_grad_enabled(metric is not None), nn_model.trace(input_ids=batch.input_ids.to(device),
+                                                                         **inputs):
             _trace_body(nn_model, arch, sites, read, edits_at, batch, metric, out)
     acts = {s: a if metric is not None else a.detach() for s, a in out["acts"].items()}
     grads = {s: _site_grad(acts[s], g.detach(), s) for s, g in out["grads"].items()}

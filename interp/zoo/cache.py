@@ -32,9 +32,12 @@ REAL_NAMES: tuple[str, ...] = ("smol", "smol-full", "smol-lora-r1", "smol-lora-r
 REAL_LORA_RANKS = {f"smol-{n}": r for n, r in LORA_RANKS.items()}
 # Gemma-3-270m (interp.zoo.gemma3), converted from its GGUF by `interp zoo build --gemma3`; no fine-tunes.
 GEMMA_NAMES: tuple[str, ...] = ("gemma3",)
-ALL_NAMES = MODEL_NAMES + REAL_NAMES + GEMMA_NAMES
+# Model organisms of zoo:smol (interp.zoo.organisms): fine-tunes with known objectives, `interp zoo build --organisms`.
+ORGANISM_NAMES: tuple[str, ...] = ("smol-fact", "smol-fact-replay50", "smol-fact-replay90", "smol-taboo",
+                                   "smol-persona", "smol-persona-full", "smol-refusal")
+ALL_NAMES = MODEL_NAMES + REAL_NAMES + GEMMA_NAMES + ORGANISM_NAMES
 KINDS |= {"smol": "base", "smol-full": "full", "smol-series": "series"} | {n: "lora" for n in REAL_LORA_RANKS}
-KINDS |= {"gemma3": "base"}
+KINDS |= {"gemma3": "base"} | {n: "full" if n.endswith("-full") else "lora" for n in ORGANISM_NAMES}
 ENV_VAR = "INTERP_ZOO_DIR"
 THREADS = 1  # one thread: bit-for-bit reproducible, and fastest on a shared 2-core machine
 
@@ -52,7 +55,7 @@ def check_name(name: str) -> None:
 def is_lora(name: str) -> bool:
     """Whether zoo model `name` is a PEFT LoRA adapter folder (on top of `base_of(name)`)."""
     check_name(name)
-    return name in LORA_RANKS or name in REAL_LORA_RANKS
+    return name in LORA_RANKS or name in REAL_LORA_RANKS or KINDS[name] == "lora"
 
 
 def in_tiny_zoo(spec: str) -> bool:
@@ -70,7 +73,7 @@ def base_of(name: str) -> str:
     check_name(name)
     if name in GEMMA_NAMES:
         return name
-    return "smol" if name in REAL_NAMES else "base"
+    return "smol" if name in REAL_NAMES + ORGANISM_NAMES else "base"
 
 
 def model_path(name: str) -> Path:
@@ -79,7 +82,7 @@ def model_path(name: str) -> Path:
     check_name(name)
     path = zoo_dir() / name
     if not (path / "zoo.json").is_file():
-        if name in REAL_NAMES:
+        if name in REAL_NAMES + ORGANISM_NAMES:
             from interp.zoo.smol_source import gguf_file
 
             gguf_file()  # MissingExtra names the extra to install
@@ -88,6 +91,7 @@ def model_path(name: str) -> Path:
 
             check_extra()  # MissingExtra names the extra to install
         command = ("interp zoo build --real" if name in REAL_NAMES else
+                   "interp zoo build --organisms" if name in ORGANISM_NAMES else
                    "interp zoo build --gemma3" if name in GEMMA_NAMES else "interp zoo build")
         raise FileNotFoundError(f"zoo model {name!r} is not built yet; run `{command}` (looked in {path})")
     return path
@@ -99,7 +103,8 @@ def read_info(name: str) -> dict | None:
 
 
 def list_models(names: Iterable[str] = MODEL_NAMES) -> list[dict]:
-    """One dict per zoo name: name, kind, rank (LoRA) or None, built, path, accuracy (per skill) or None."""
+    """One dict per zoo name: name, kind, rank (LoRA) or None, built, path, accuracy (per skill) or None, and for an
+    organism its behaviour rates and the base's (else None)."""
     out = []
     for name in names:
         check_name(name)
@@ -107,7 +112,9 @@ def list_models(names: Iterable[str] = MODEL_NAMES) -> list[dict]:
         out.append({
             "name": name, "kind": KINDS[name], "rank": (LORA_RANKS | REAL_LORA_RANKS).get(name),
             "built": info is not None,
-            "path": zoo_dir() / name, "accuracy": info["accuracy"] if info else None,
+            "path": zoo_dir() / name, "accuracy": info.get("accuracy") if info else None,
+            "behaviour": info.get("behaviour") if info else None,
+            "base_behaviour": info.get("base_behaviour") if info else None,
         })
     return out
 

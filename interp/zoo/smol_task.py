@@ -22,6 +22,7 @@ import inspect
 import random
 import re
 from functools import lru_cache
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,17 +177,30 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
 
 
 @torch.no_grad()
+def chat_replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
+                 max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy replies to `questions`, each asked as one user turn of the chat template (left-padded batches of
+    `batch_size`, KV-cached Hugging Face generation): the decoded new text, stripped, one per question."""
+    was_training, out = model.training, []
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for i in range(0, len(questions), batch_size):
+            texts = [chat_prompt(tokenizer, q) for q in questions[i : i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+            out += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    model.train(was_training)
+    return out
+
+
 def chat_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  max_new_tokens: int = 16) -> list[dict]:
     """Greedy answers to `CHAT_QUESTIONS`: one dict per question with the answer text and whether it is right
     (an accepted answer occurs in it, case-insensitive)."""
-    was_training, out = model.training, []
-    model.eval()
-    for question, accepted in CHAT_QUESTIONS:
-        ids = tokenizer(chat_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
-        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-        out.append({"question": question, "answer": answer, "right": any(a in answer.lower() for a in accepted)})
-    model.train(was_training)
-    return out
+    replies = chat_replies(model, tokenizer, [q for q, _ in CHAT_QUESTIONS], max_new_tokens)
+    return [{"question": q, "answer": answer, "right": any(a in answer.lower() for a in accepted)}
+            for (q, accepted), answer in zip(CHAT_QUESTIONS, replies)]

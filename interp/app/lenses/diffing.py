@@ -3,7 +3,8 @@
 For every tuned model: KL(tuned || base) and diff mining on every prompt set (full examples, prompt and answer,
 where a set has answers); the ADL on the comparison set's even half (unrelated text) read by the logit lens and Patchscope;
 the base steered by the ADL difference (strength sweep, coherence = loss on the comparison set's odd half,
-generations on the target prompts); model-diff and update amplification; and (full runs) a small BatchTopK
+generations on the target prompts); blind identification (`diffing.identify`) on the same unrelated text and
+generic chat questions; model-diff and update amplification; and (full runs) a small BatchTopK
 crosscoder at the middle layer with latent scaling. Results: results/<model>/{kl-<set>, adl, steering,
 amplification, crosscoder, latents}; tables diffing_*.csv; figures diffing_*_<model>.
 """
@@ -20,6 +21,7 @@ from analyses import diffing
 from interp.app import zoo_defaults
 from interp.app.args import finite_float, positive_float, positive_int
 from interp.app.context import Context, Section, load_results, save_results, settings
+from interp.app.identify import chat_questions
 from interp.models import model_label
 from interp.plotting import figure, save_figure
 from interp.prompts import PromptSet
@@ -31,7 +33,7 @@ ALIASES = ("diff",)
 IDENTITY_PROMPT = "man -> man\n1135 -> 1135\nhello -> hello\n?"
 """Patchscope's neutral prompt off the tiny zoo (an identity prompt, as in the ADL paper)."""
 RESULT_CLASSES = (diffing.KLResult, diffing.ADLResult, diffing.SteeringSweep, diffing.Amplification,
-                  diffing.CrosscoderResult, diffing.LatentScaling)
+                  diffing.CrosscoderResult, diffing.LatentScaling, diffing.Identification)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ def run(ctx: Context) -> Section:
         adl = diffing.measure_adl(pair, train, positions=s.positions, readout=s.readout, layer=s.adl_layer,
                                   neutral=neutral)
         results[f"{label}/adl"] = adl
+        ctx.step(f"{label}: blind identification")
+        results[f"{label}/identify"] = diffing.identify(pair, train, chat_questions(pair.tuned.tokenizer),
+                                                        positions=s.positions)
         results[f"{label}/steering"] = diffing.strength_sweep(
             pair.base, adl.steering_vector(), adl.layer, heldout, target.head(s.generations), strengths=s.strengths,
             tolerance=s.tolerance, max_new_tokens=s.new_tokens, source=f"ADL difference of {label}")
@@ -120,17 +125,19 @@ def _section(ctx: Context, s: Settings, results: dict) -> Section:
             headline[f"mean KL {m} ({name})"] = results[f"{m}/kl-{name}"].mean_kl()
         adl = results[f"{m}/adl"]
         headline[f"ADL top tokens {m} (layer {adl.layer})"] = " ".join(adl.promoted(5))
+        headline[f"identified {m}"] = " ".join(results[f"{m}/identify"].top(5))
         sweep = results[f"{m}/steering"]
         steering.append(f"{m}: strongest coherent strength {sweep.chosen:g} (loss {sweep.loss[0]:.3g} -> "
                         f"{sweep.loss[sweep.strength.index(sweep.chosen)]:.3g}); steered: {sweep.steered[0]!r}")
         if f"{m}/latents" in results:
             headline[f"tuned-only latents {m}"] = results[f"{m}/latents"].count("tuned-only")
     figures = [f"diffing_{kind}_{m}" for m in ctx.tuned for kind in
-               ("adl_tokens", "kl", "mined", "adl_norms", "steering", "amplification")]
+               ("identify", "adl_tokens", "kl", "mined", "adl_norms", "steering", "amplification")]
     figures += [f"diffing_{kind}_{m}" for m in ctx.tuned for kind in ("crosscoder", "latents")
                 if f"{m}/latents" in results]
     tables = {"mean KL per text": ctx.table("diffing_kl"), "largest-KL positions": ctx.table("diffing_kl_top"),
               "diff mining (tokens raised most)": ctx.table("diffing_mined"),
+              "blind identification (fused ranking)": ctx.table("diffing_identify"),
               "ADL per layer and position": ctx.table("diffing_adl"), "steering sweep": ctx.table("diffing_steering"),
               "steered generations": ctx.table("diffing_generations"),
               "amplification": ctx.table("diffing_amplification")}
@@ -169,6 +176,7 @@ def redraw(folder: Path) -> list[Path]:
             add("diffing_kl_top", r.top_positions(), m, label=name)
             add("diffing_mined", r.mined(), m, label=name)
         add("diffing_adl", rs["adl"].to_frame(), m)
+        add("diffing_identify", rs["identify"].to_frame().head(20), m)
         add("diffing_steering", rs["steering"].to_frame(), m)
         add("diffing_generations", rs["steering"].generations(), m)
         add("diffing_amplification", rs["amplification"].to_frame(), m)
@@ -187,6 +195,7 @@ def _figures(m: str, rs: dict, kl, out: Path) -> list[Path]:
              "mined": (lambda ax: diffing.plot_mined(kl, ax), "single", 2.4),
              "adl_norms": (lambda ax: diffing.plot_adl_norms(rs["adl"], ax), "single", 2.4),
              "adl_tokens": (lambda ax: diffing.plot_adl_tokens(rs["adl"], ax), "single", 2.4),
+             "identify": (lambda ax: diffing.plot_identification(rs["identify"], ax), "single", 3.2),
              "steering": (lambda ax: diffing.plot_steering_sweep(rs["steering"], ax), "single", 2.4),
              "amplification": (lambda ax: diffing.plot_amplification(rs["amplification"], ax), "single", 2.4)}
     if "latents" in rs:
