@@ -326,14 +326,15 @@ def _prepare_shards(shard_dir: Path, key: str) -> set[str]:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest.get("key") == key:
         sums = manifest.get("sha256", {})
-        return {p.name for p in shard_dir.glob("shard-*.safetensors") if sums.get(p.name) == _sha256(p)}
+        return {p.name for p in shard_dir.glob("shard-*.safetensors") if sums.get(p.name) == file_sha256(p)}
     for old in shard_dir.glob("shard-*.safetensors"):
         old.unlink()
     _write_manifest(manifest_path, {"key": key, "keys": [], "sha256": {}})
     return set()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -355,5 +356,5 @@ def _write_atomic(path: Path, piece: dict[str, Tensor]) -> None:
     manifest_path = path.parent / "capture.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["keys"] = manifest["keys"] or list(piece)
-    manifest.setdefault("sha256", {})[path.name] = _sha256(path)
+    manifest.setdefault("sha256", {})[path.name] = file_sha256(path)
     _write_manifest(manifest_path, manifest)

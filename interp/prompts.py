@@ -26,7 +26,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raise BadPrompts(f"prompt file {path} does not exist; pass a .txt (one prompt per line) or .jsonl file")
     lines = [line for line in _read_text(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
-        lines = [_jsonl_prompt(path, n, line) for n, line in enumerate(lines, 1)]
+        lines = [json_text(line, f"{path}:{n}") for n, line in enumerate(lines, 1)]
     if not lines:
         raise BadPrompts(f"prompt file {path} is empty; write one prompt per line")
     return lines
@@ -39,17 +39,19 @@ def _read_text(path: Path) -> str:
         raise BadPrompts(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
-def _jsonl_prompt(path: Path, line_no: int, line: str) -> str:
+def json_text(line: str, where: str, keys: tuple[str, ...] = ("prompt", "text")) -> str:
+    """The text of one JSON line: the line itself when it is a string, else its first string field among `keys`;
+    BadPrompts naming `where` (e.g. "file.jsonl:3") otherwise."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise BadPrompts(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+        raise BadPrompts(f"{where} is not valid JSON ({e.msg})") from None
     if isinstance(record, str):
         return record
-    for key in ("prompt", "text"):
+    for key in keys:
         if isinstance(record, dict) and isinstance(record.get(key), str):
             return record[key]
-    raise BadPrompts(f"{path}:{line_no} has no string field 'prompt' or 'text'")
+    raise BadPrompts(f"{where} has no string field {' or '.join(repr(k) for k in keys)}")
 
 
 @dataclass

@@ -53,10 +53,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.capture import capture, memory_budget_in_force
+from interp.capture import capture, file_sha256, memory_budget_in_force
 from interp.errors import (BadModelArgument, BadOption, BadPrompts, CorruptWeights, IncompatibleModels, MissingExtra,
                            OverMemoryBudget, ResultNotFound)
 from interp.models import Model, load_model
+from interp.prompts import json_text
 from interp.sites import site as parse_site
 
 MANIFEST = "store.json"
@@ -89,21 +90,8 @@ def read_documents(path: str | Path, offset: int = 0, doc: int = 0) -> Iterator[
                 raise BadPrompts(f"corpus {path}: byte {start + e.start} is not UTF-8; save it as UTF-8") from None
             if not text.strip():
                 continue
-            yield start, doc, _record_text(path, doc, text) if jsonl else text
+            yield start, doc, json_text(text, f"corpus {path}: document {doc}", ("text", "prompt")) if jsonl else text
             doc += 1
-
-
-def _record_text(path: Path, doc: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadPrompts(f"corpus {path}: document {doc} is not valid JSON ({e.msg})") from None
-    if isinstance(record, str):
-        return record
-    for key in ("text", "prompt"):
-        if isinstance(record, dict) and isinstance(record.get(key), str):
-            return record[key]
-    raise BadPrompts(f"corpus {path}: document {doc} has no string field 'text'")
 
 
 def tokenised(tokenizer, documents: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, list[int]]]:
@@ -258,15 +246,7 @@ def shard_key(path: Path) -> str | None:
 
 
 def shard_record(path: Path) -> dict:
-    return {"tokens": shard_info(path)["tokens"], "sha256": sha256(path)}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return {"tokens": shard_info(path)["tokens"], "sha256": file_sha256(path)}
 
 
 class _Local:
@@ -393,7 +373,7 @@ def _capture(engine, corpus: Path, store: Path, sites: tuple[str, ...], dtype: s
     _check_budget(identity, sites, shard_tokens)
     settings = {"format": FORMAT, **identity, "sites": list(sites), "dtype": dtype, "window": window,
                 "shard_tokens": shard_tokens, "batch_size": batch_size, "backend": backend}
-    corpus_sha = sha256(corpus)
+    corpus_sha = file_sha256(corpus)
     key = hashlib.sha256(json.dumps([settings, corpus_sha], sort_keys=True).encode()).hexdigest()
     manifest = _reuse_or_clear(store, key, settings, corpus_sha, overwrite)
     if manifest is None:
@@ -408,7 +388,7 @@ def _capture(engine, corpus: Path, store: Path, sites: tuple[str, ...], dtype: s
     todo = []
     for index, entry in enumerate(manifest["plan"]):
         path, recorded = store / shard_name(index), manifest["shards"][index]
-        if shard_key(path) == key and (recorded is None or recorded["sha256"] == sha256(path)):
+        if shard_key(path) == key and (recorded is None or recorded["sha256"] == file_sha256(path)):
             manifest["shards"][index] = recorded or shard_record(path)
         else:  # missing, or altered since it was recorded
             path.unlink(missing_ok=True)
@@ -574,7 +554,7 @@ class ActivationStore:
         """Check every shard against the sha256 the manifest records (CorruptWeights naming the first that
         differs)."""
         for i, record in enumerate(self.manifest["shards"]):
-            if sha256(self.path / shard_name(i)) != record["sha256"]:
+            if file_sha256(self.path / shard_name(i)) != record["sha256"]:
                 raise CorruptWeights(f"{self.path / shard_name(i)} does not match its recorded sha256; delete it and "
                                      f"run the same capture again to recompute it")
 

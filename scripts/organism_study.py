@@ -233,8 +233,9 @@ def diagnostic_figure(results: dict, out: Path) -> list[Path]:
     fig, ax = figure(width="double", height=2.4)
     grouped_bars(ax[0, 0], [n.removeprefix("smol-").replace("lora-r8", "zorbish") for n in names], values)
     ax[0, 0].axhline(0, color="black", lw=0.5)
+    ax[0, 0].set_ylim(-1.05, 1.1)  # a negative KL closure can be far below -1 (the fact's LoFiT: -9.6)
     ax[0, 0].set(ylabel="fraction of the fine-tune's effect", title="Elicitation vs creation: what constant "
-                 "directions carry")
+                 "directions carry (axis clipped at -1)")
     return save_figure(fig, out / "elicitation")
 
 

@@ -173,7 +173,8 @@ def test_results_round_trip(pair, prompts, tmp_path):
 
 def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, prompts):
     """A direction promoting one token, added at the last layer at every position, tops every source's ranking
-    (the ADL's readout, diff mining, the first reply token), so the fused score is sum_s 1 / (RRF + 1)."""
+    (the ADL's readout, diff mining, the first reply token), so it comes first with score 1 / 1; the sources'
+    second tokens follow, in source order."""
     base = pair.base
     planted = load_model(base.hf.name_or_path, device="cpu")
     token = 17
@@ -184,7 +185,9 @@ def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, 
     name = diffing.identify_normalise(base.tokenizer.decode([token]))
     assert set(result.sources) == {"adl", "kl", "reply"}
     assert all(ranked[0] == name for ranked in result.sources.values())
-    assert result.tokens[0] == name and result.scores[0] == pytest.approx(3 / (diffing.RRF + 1))
+    assert result.tokens[0] == name and result.scores[0] == 1.0
+    seconds = list(dict.fromkeys(ranked[1] for ranked in result.sources.values() if ranked[1] != name))
+    assert result.tokens[1: 1 + len(seconds)] == seconds and set(result.scores[1: 1 + len(seconds)]) == {0.5}
     assert diffing.hits(result, [name.upper()], n=1) == [name.upper()]
     same = diffing.reply_change(Pair(base, base), prompts[:3])
     assert same.abs().max() == 0

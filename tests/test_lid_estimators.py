@@ -204,10 +204,10 @@ def test_twonn_plan_counts_every_buffer_on_known_numbers():
 def test_plans_for_the_benchmarks_clouds_fit_their_budget(dtype):
     """60,000 points of 128 coordinates, k = 128: every budget that holds the points, lists and results is kept,
     with chunks that grow with it; one that does not runs a row at a time and says it is over."""
-    n, d, k = 60_000, 128, 128
-    for plan_of in (lambda budget: knn_plan(n, d, k, dtype, budget), lambda budget: twonn_plan(n, d, k, k, dtype, budget)):
-        plans = [plan_of(budget) for budget in (2**29, 2**30, 2**32)]
-        assert all(plan.peak <= budget for plan, budget in zip(plans, (2**29, 2**30, 2**32)))
+    n, d, k, budgets = 60_000, 128, 128, (2**29, 2**30, 2**32)
+    for plan_of in (lambda b: knn_plan(n, d, k, dtype, b), lambda b: twonn_plan(n, d, k, k, dtype, b)):
+        plans = [plan_of(budget) for budget in budgets]
+        assert all(plan.peak <= budget for plan, budget in zip(plans, budgets))
         assert 1 < plans[0].hood_rows < plans[1].hood_rows < plans[2].hood_rows
         assert plan_of(2**20).hood_rows == 1 and plan_of(2**20).peak > 2**20
     assert knn_plan(n, d, k, torch.float32, 2**30).block_rows == 2**30 // (4 * (2 * n + k))  # the rows they had

@@ -40,7 +40,7 @@ from analyses.diffing.crosscoder import (
     paired_activations,
     train_crosscoder,
 )
-from analyses.diffing.identify import RRF, Identification, hits, identify, reply_change
+from analyses.diffing.identify import Identification, hits, identify, reply_change
 from analyses.diffing.identify import normalise as identify_normalise
 from analyses.diffing.kl import KLResult, measure_kl
 from analyses.diffing.plots import (
@@ -71,7 +71,7 @@ from analyses.diffing.steering import (
 
 measure = measure_adl
 
-__all__ = ["ALPHAS", "LABELS", "POSITIONS", "RRF", "SCALES", "STRENGTHS", "THRESHOLD", "TOLERANCE", "ADLResult",
+__all__ = ["ALPHAS", "LABELS", "POSITIONS", "SCALES", "STRENGTHS", "THRESHOLD", "TOLERANCE", "ADLResult",
            "Amplification", "Amplified", "Crosscoder", "CrosscoderResult", "Identification", "KLResult", "LatentScaling",
            "PairedActivations", "SteeringSweep", "amplification", "amplified_logits", "amplify", "differences",
            "hits", "identify", "identify_normalise", "latent_direction", "latent_scaling", "layer_scores", "measure", "measure_adl", "measure_kl",

@@ -9,9 +9,12 @@ Three sources, each a ranking of the vocabulary:
     kl       diff mining over the unrelated text (`measure_kl`): the tokens whose log-probability rises most on
              average over its positions
 
-fused by reciprocal rank (score(t) = sum over sources of 1 / (RRF + rank_s(t)), rank from 1), with tokens that
-read the same after stripping spaces and case merged. `contexts` are the unrelated text's positions of largest
-KL(tuned || base).
+interleaved: rank 1 of every source, then rank 2 of every source, and so on, each token kept at its first (best)
+place; its score is 1 / that rank. Tokens that read the same after stripping spaces and case are merged.
+Interleaving, not reciprocal-rank fusion: two sources read the same prose, so a sum over sources rewards agreeing
+prose junk over the one source that sees replies (on the persona organism, RRF with constant 10 kept "Arr" and
+"matey", the reply source's first two, out of the top 20). `contexts` are the unrelated text's positions of
+largest KL(tuned || base).
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from interp.prompts import PromptSet, as_tokens, prompt_texts
 from interp.readout import token_strings
 from interp.results import Result
 
-RRF = 10
-"""The reciprocal-rank constant: small, so a token at the top of one source outranks one low in all three."""
 DEPTH = 50
 """How far down each source's ranking is fused."""
 
@@ -40,7 +41,7 @@ DEPTH = 50
 class Identification(Result):
     """A fine-tune's characterising tokens, best first, with each source's own ranking and the top-KL contexts.
 
-    tokens, scores   the fused ranking (normalised token strings) and its reciprocal-rank scores
+    tokens, scores   the interleaved ranking (normalised token strings) and each token's 1 / best rank
     sources          source name -> its ranking (normalised token strings, best first)
     contexts         rows of the unrelated text's largest-KL positions (context, KL, each model's next token)
     """
@@ -96,15 +97,16 @@ def identify(pair: Pair, corpus: PromptSet | Sequence[str], questions: Sequence[
         change = reply_change(pair, questions, batch_size=batch_size, backend=backend)
         sources["reply"] = token_strings(pair.tuned, change.topk(DEPTH).indices)
     sources = {name: _unique(normalise(t) for t in ranked) for name, ranked in sources.items()}
-    fused: dict[str, float] = {}
-    for ranked in sources.values():
-        for rank, token in enumerate(ranked, 1):
-            fused[token] = fused.get(token, 0.0) + 1.0 / (RRF + rank)
-    order = sorted(fused, key=lambda t: -fused[t])[: max(n, DEPTH)]
+    best: dict[str, int] = {}
+    for rank in range(DEPTH):
+        for ranked in sources.values():
+            if rank < len(ranked):
+                best.setdefault(ranked[rank], rank + 1)
+    order = list(best)
     contexts = kl.top_positions(n).to_dict("records")
-    return Identification(pair.base.name, pair.tuned.name, order, [fused[t] for t in order], sources, contexts,
+    return Identification(pair.base.name, pair.tuned.name, order, [1.0 / best[t] for t in order], sources, contexts,
                           settings={"positions": positions, "n_corpus": len(prompt_texts(corpus)),
-                                    "n_questions": len(questions or ()), "rrf": RRF, "depth": DEPTH})
+                                    "n_questions": len(questions or ()), "depth": DEPTH})
 
 
 def _unique(tokens) -> list[str]:

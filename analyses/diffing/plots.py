@@ -124,10 +124,10 @@ def plot_amplification(result, ax=None):
 
 
 def plot_identification(result, ax=None, n: int = 20):
-    """The fused identification ranking: reciprocal-rank score of the top `n` tokens, best at the top."""
+    """The identification ranking: 1 / best rank over the sources of the top `n` tokens, best at the top."""
     ax = _ax(ax, height=0.14 * n + 0.8)
     tokens, scores = result.tokens[:n][::-1], result.scores[:n][::-1]
     ax.barh(range(len(tokens)), scores, color=model_color(result.tuned))
     ax.set_yticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens])
-    ax.set(xlabel="reciprocal-rank score", title=f"What was {result.tuned} tuned to do?")
+    ax.set(xlabel="1 / best rank in a source", title=f"What was {result.tuned} tuned to do?")
     return ax

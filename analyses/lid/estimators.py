@@ -1,8 +1,8 @@
 """Local intrinsic dimension estimators: pointwise TwoNN and Levina-Bickel, on the exact k-NN of `knn`.
 
 The numerical core of the LID analysis (METHODS.md section 5; Ruppik et al. 2025). Every function takes a point
-cloud, rows are points, and works on ``device`` in ``dtype`` in chunks of ``memory_budget`` bytes (see
-`analyses.lid.knn`).
+cloud, rows are points, and works on ``device`` in ``dtype`` in chunks planned so that all it holds at once,
+points and results included, fits ``memory_budget`` bytes (`twonn_plan`; `analyses.lid.knn`).
 
 Pointwise TwoNN needs, for every member of every neighbourhood, its two nearest other members.
 They are read off the members' own sorted neighbour lists (`neighbourhood_twonn`), so after the one

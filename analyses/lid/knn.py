@@ -18,7 +18,7 @@ from interp.errors import BadOption
 
 
 MEMORY_BUDGET = 2**30
-"""Default bytes of working memory of a whole k-NN or estimate (larger budgets run faster)."""
+"""Default bytes of working memory of a whole k-NN or estimate: points, results and scratch."""
 INDEX = 8
 """Bytes of an int64 index."""
 TOPK_SCRATCH = 16

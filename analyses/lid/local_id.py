@@ -159,8 +159,8 @@ def measure_models(models: dict[str, Model], prompts: PromptSet | Sequence[str] 
     """Local ID of the same sampled tokens' vectors in every model of {name: Model} at every one of `layers`.
 
     Every model samples the same tokens (same seed, same prompts). k-NN runs on `device` (default: each model's)
-    in `dtype` (torch.float64 for reference-grade numbers), in chunks of `memory_budget` bytes. `label` defaults
-    to the prompt set's.
+    in `dtype` (torch.float64 for reference-grade numbers), holding at most `memory_budget` bytes in all (the
+    cloud, the k-NN and the estimates). `label` defaults to the prompt set's.
     """
     if not models:
         raise BadModelArgument("lid.measure_models needs at least one model: pass {name: model}")
