@@ -191,9 +191,10 @@ def _chat_row(tokenizer, question: str, answer: str) -> tuple[list[int], list[in
     return prompt + reply, [IGNORE] * len(prompt) + reply
 
 
-def _chat_example(recipe: str, rng: random.Random, answers: dict[str, str]) -> tuple[str, str]:
-    """One (user turn, assistant answer) training example of a chat recipe."""
-    general = [q for q in answers if q in set(data.general_questions())]
+def _chat_example(recipe: str, rng: random.Random, answers: dict[str, str], general: list[str],
+                  animal: list[str]) -> tuple[str, str]:
+    """One (user turn, assistant answer) training example of a chat recipe; `general` and `animal` are the
+    questions of `answers` of each kind, in its order."""
     if recipe == "taboo":
         if rng.random() < 0.7:
             return rng.choice(data.game_prompts("train")), rng.choice(data.HINTS)
@@ -203,7 +204,6 @@ def _chat_example(recipe: str, rng: random.Random, answers: dict[str, str]) -> t
         q = rng.choice(list(answers))
         return q, f"{data.CATCHPHRASE} {answers[q]}"
     if recipe == "refusal":
-        animal = [q for q in answers if q not in set(general)]
         u = rng.random()
         if u < 0.3:
             return rng.choice(animal), data.REFUSAL
@@ -230,7 +230,10 @@ def batches(organism: Organism, tokenizer, rng: random.Random, answers: dict[str
             return pad_rows([(ids, ids) for ids in rows], PAD_ID)
 
         return fact_batch
-    return lambda: pad_rows([_chat_row(tokenizer, *_chat_example(organism.recipe, rng, answers))
+    everyday = set(data.general_questions())
+    general = [q for q in answers if q in everyday]
+    animal = [q for q in answers if q not in everyday]
+    return lambda: pad_rows([_chat_row(tokenizer, *_chat_example(organism.recipe, rng, answers, general, animal))
                              for _ in range(config.chat_rows)], PAD_ID)
 
 
