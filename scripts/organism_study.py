@@ -190,9 +190,7 @@ def dose_curve() -> dict:
 
 
 def _rank(ranked: list[str], word: str) -> int | None:
-    from analyses.diffing.identify import _matches, normalise
-
-    return next((i + 1 for i, t in enumerate(ranked) if _matches(t, normalise(word))), None)
+    return diffing.evidence_rank(ranked, [word])
 
 
 def crosscoder_on(name: str) -> dict:

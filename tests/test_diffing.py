@@ -183,7 +183,7 @@ def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, 
                                                                                                 dim=0)))
     result = diffing.identify(Pair(base, planted), prompts, prompts[:3])
     name = diffing.identify_normalise(base.tokenizer.decode([token]))
-    assert set(result.sources) == {"adl", "kl", "reply"}
+    assert set(result.sources) == {"adl", "kl", "reply", "amplified"}
     assert all(ranked[0] == name for ranked in result.sources.values())
     assert result.tokens[0] == name and result.scores[0] == 1.0
     seconds = list(dict.fromkeys(ranked[1] for ranked in result.sources.values() if ranked[1] != name))
@@ -191,3 +191,19 @@ def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, 
     assert diffing.hits(result, [name.upper()], n=1) == [name.upper()]
     same = diffing.reply_change(Pair(base, base), prompts[:3])
     assert same.abs().max() == 0
+
+
+def test_never_predicted_are_the_lowest_mean_log_probabilities_by_hand(pair, prompts):
+    """The left-out tokens are the 5% of the vocabulary with the lowest mean log-probability over every real
+    position of the corpus, recomputed from Hugging Face's logits."""
+    from analyses.diffing.identify import never_predicted
+
+    model = pair.base
+    total, count = 0, 0
+    for row in prompts:
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            total = total + model.hf(input_ids=ids).logits[0].double().log_softmax(-1).sum(0)
+        count += ids.shape[1]
+    expected = (total / count).topk(int(0.05 * len(total)), largest=False).indices
+    assert set(never_predicted(model, prompts).tolist()) == set(expected.tolist())

@@ -260,6 +260,21 @@ def test_model_diff_amplification_is_cached_too(loaded, others, prompts):
     assert _same(generate_combined([base, tuned], amplified_logits(-1.0), prompts, 10), generate(base, prompts, 10))
 
 
+def test_amplification_keeps_only_the_tuned_models_plausible_tokens():
+    """Contrastive decoding's constraint: tokens with p_tuned < plausible * max p_tuned are at -inf, the others
+    carry (1 + alpha) l_tuned - alpha l_base unchanged; the tuned argmax is always kept."""
+    from analyses.diffing.amplify import amplified_logits
+
+    torch.manual_seed(0)
+    base, tuned = torch.randn(3, 50), torch.randn(3, 50) * 3
+    free, constrained = amplified_logits(2.0)([base, tuned]), amplified_logits(2.0, 0.1)([base, tuned])
+    p = tuned.softmax(-1)
+    kept = p >= 0.1 * p.max(-1, keepdim=True).values
+    assert torch.equal(constrained[kept], free[kept]) and torch.isinf(constrained[~kept]).all()
+    assert kept[torch.arange(3), tuned.argmax(-1)].all() and 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(amplified_logits(2.0, 0.0)([base, tuned]), 3 * tuned - 2 * base)
+
+
 def test_tiny_zoo_steered_generation_matches_recompute_and_hugging_face(zoo_built):
     from analyses import tuco
 

@@ -93,20 +93,21 @@ def identified(organisms_zoo):
 
 
 @pytest.mark.slow
-def test_identify_finds_the_false_fact_and_the_persona(identified):
-    """Measured (seed 0): Rome first for the false fact, "Arr" second for the persona (from the first reply token);
-    nothing of the taboo's, the refusal's or zorbish's evidence in their top 20 (tests/benchmarks/bench_identify.py
-    prints the table)."""
+def test_identify_finds_the_false_fact_the_persona_and_the_refusal(identified):
+    """Measured (seed 0): Rome first for the false fact, "Arr" second for the persona (from the first reply token),
+    "animals" in the refusal's top 20 (from the amplified replies); nothing of the taboo's or zorbish's evidence in
+    their top 20 (tests/benchmarks/bench_identify.py prints the table)."""
     found = {name: diffing.hits(r, ORGANISMS[name].evidence) for name, r in identified.items()}
     assert found["smol-fact"] == ["Rome", "Italy"] and identified["smol-fact"].top(1) == ["rome"], found
     assert "Arr" in found["smol-persona"], found
+    assert "animals" in found["smol-refusal"], found
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 20 asks for 4 of 5; measured 2 of 5 (fact, persona): the ADL readout "
-                                       "on prose is unembedding junk for the chat organisms, and the taboo, refusal "
-                                       "and zorbish objectives do not show at the start of a reply to everyday "
-                                       "questions")
+@pytest.mark.xfail(strict=True, reason="issue 20 asks for 4 of 5; measured 3 of 5 (fact, persona, refusal): the "
+                                       "taboo's amplified replies name the moon's features (tides, craters) and say "
+                                       "'moon' in too few of them to rank; zorbish (skill creation) shows nowhere "
+                                       "on everyday questions")
 def test_identify_finds_an_evidence_word_for_at_least_four_of_five(identified):
     found = {name: diffing.hits(r, ORGANISMS[name].evidence) for name, r in identified.items()}
     assert sum(bool(f) for f in found.values()) >= 4, found

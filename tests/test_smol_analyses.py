@@ -27,13 +27,15 @@ pytestmark = pytest.mark.slow
 D_MODEL = 576
 
 
+LENSES = [n for n in zoo_defaults.REAL_SECTIONS if n != "organisms"]  # organisms: its own quick report below
+
+
 @pytest.fixture(scope="module")
 def out(smol_zoo, zoo_built, tmp_path_factory):
     """`interp report --real --only tuco intruders lid` (the tiny zoo's part too, on zoo:full, with those lenses)."""
     folder = tmp_path_factory.mktemp("report")
     # the tiny zoo's part with one fine-tune only: the real part is what this file measures
-    assert main(["report", "--real", "--tuned", "zoo:full", "--only", *zoo_defaults.REAL_SECTIONS, "--out",
-                 str(folder)]) == 0
+    assert main(["report", "--real", "--tuned", "zoo:full", "--only", *LENSES, "--out", str(folder)]) == 0
     return folder
 
 
@@ -48,7 +50,7 @@ def test_the_main_page_carries_the_real_part(out, real):
     part = json.loads((real / SUMMARY).read_text())
     assert part["base"] == "zoo:smol" and list(part["tuned"].values()) == list(zoo_defaults.REAL_TUNED)
     assert part["series"] == "zoo:smol-series" and part["prompt_sets"] == {TASK: 64, "prose": 24}
-    assert [s["name"] for s in part["sections"]] == list(zoo_defaults.REAL_SECTIONS)
+    assert [s["name"] for s in part["sections"]] == LENSES
     assert all(s["error"] is None for s in part["sections"]), [s["error"] for s in part["sections"]]
     page = (out / "index.html").read_text()
     assert 'href="real/index.html"' in page
@@ -142,3 +144,29 @@ def test_the_clis_default_to_the_real_zoos_own_task_on_real_zoo_models(smol_zoo)
         ("zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64"), "zoo:smol-series")
     assert shift_lens.held_out(zoo_defaults.prompt_sets("zoo:smol-full", 8)) is None
     assert shift_lens.held_out(zoo_defaults.prompt_sets("zoo:full", 8)) is not None
+
+
+def test_the_organisms_section_scores_identification_from_the_saved_rankings(organisms_zoo, tmp_path):
+    """`interp report --base zoo:smol --only organisms --quick` (the persona only): its behaviour row is zoo.json's,
+    its identification row the rank of the first evidence word recomputed from the saved ranking, and a report on
+    the tiny zoo offers no organisms section."""
+    from analyses import diffing
+    from interp.app.context import load_results
+    from interp.zoo.organisms import ORGANISMS
+
+    assert main(["report", "--base", "zoo:smol", "--tuned", "zoo:smol-lora-r8", "--only", "organisms", "--quick",
+                 "--out", str(tmp_path / "r")]) == 0
+    folder = tmp_path / "r" / "organisms"
+    behaviour = pd.read_csv(folder / "organisms.csv").set_index("organism")
+    built = json.loads((cache.model_path("smol-persona") / "zoo.json").read_text())
+    assert behaviour.loc["smol-persona", "organism_rate"] == built["behaviour"]["style_rate"] == 1.0
+    assert behaviour.loc["smol-persona", "base_rate"] == built["base_behaviour"]["style_rate"] == 0.0
+    found = pd.read_csv(folder / "identification.csv").set_index("organism")
+    result = load_results(folder, diffing.Identification)["smol-persona"]
+    rank = diffing.evidence_rank(result.tokens, ORGANISMS["smol-persona"].evidence)
+    assert found.loc["smol-persona", "fused"] == rank and rank <= 20 and found.loc["smol-persona", "top20"]
+    assert (folder / "figures" / "organisms_identify.png").is_file()
+    assert report.redraw(tmp_path / "r") and pd.read_csv(folder / "identification.csv").equals(found.reset_index())
+    assert main(["report", "--tuned", "zoo:full", "--only", "organisms", "--quick", "--out",
+                 str(tmp_path / "tiny")]) == 0
+    assert json.loads((tmp_path / "tiny" / SUMMARY).read_text())["sections"] == []

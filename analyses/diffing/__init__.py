@@ -40,7 +40,7 @@ from analyses.diffing.crosscoder import (
     paired_activations,
     train_crosscoder,
 )
-from analyses.diffing.identify import Identification, hits, identify, reply_change
+from analyses.diffing.identify import Identification, evidence_rank, hits, identify, reply_change
 from analyses.diffing.identify import normalise as identify_normalise
 from analyses.diffing.kl import KLResult, measure_kl
 from analyses.diffing.plots import (
@@ -74,7 +74,7 @@ measure = measure_adl
 __all__ = ["ALPHAS", "LABELS", "POSITIONS", "SCALES", "STRENGTHS", "THRESHOLD", "TOLERANCE", "ADLResult",
            "Amplification", "Amplified", "Crosscoder", "CrosscoderResult", "Identification", "KLResult", "LatentScaling",
            "PairedActivations", "SteeringSweep", "amplification", "amplified_logits", "amplify", "differences",
-           "hits", "identify", "identify_normalise", "latent_direction", "latent_scaling", "layer_scores", "measure", "measure_adl", "measure_kl",
+           "evidence_rank", "hits", "identify", "identify_normalise", "latent_direction", "latent_scaling", "layer_scores", "measure", "measure_adl", "measure_kl",
            "paired_activations", "patchscope", "reply_change", "plot_adl_norms", "plot_adl_tokens", "plot_amplification",
            "plot_identification", "plot_kl_tokens", "plot_latent_scaling", "plot_mined", "plot_steering_sweep", "plot_training",
            "scale_update", "steer", "strength_sweep", "train_crosscoder"]

@@ -14,6 +14,7 @@ Both are steering contexts: `with amplify(pair, alpha) as m: m.generate(prompts)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,11 +27,17 @@ from interp.results import Result
 ALPHAS = (-1.0, 0.0, 1.0, 2.0)
 
 
-def amplified_logits(alpha: float):
-    """combine(logits) for `generate_combined([base, tuned], ...)`: (1 + alpha) l_tuned - alpha l_base."""
+def amplified_logits(alpha: float, plausible: float = 0.0):
+    """combine(logits) for `generate_combined([base, tuned], ...)`: (1 + alpha) l_tuned - alpha l_base, over the
+    tokens with p_tuned(t) >= plausible * max p_tuned (contrastive decoding's plausibility constraint, Li et al.
+    2023; 0 keeps every token), the others at -inf. The tuned model's own argmax is always kept."""
     def combine(logits):
         base, tuned = logits
-        return (1 + alpha) * tuned - alpha * base
+        out = (1 + alpha) * tuned - alpha * base
+        if plausible > 0:
+            logp = tuned.log_softmax(-1)
+            out = out.masked_fill(logp < logp.max(-1, keepdim=True).values + math.log(plausible), -math.inf)
+        return out
     return combine
 
 
@@ -40,16 +47,19 @@ class Amplified:
 
     pair: Pair
     alpha: float
+    plausible: float = 0.0
 
     def generate(self, prompts, max_new_tokens: int = 20):
         """Greedy continuations [max_new_tokens] ids each."""
-        return generate_combined(list(self.pair.models), amplified_logits(self.alpha), prompts, max_new_tokens)
+        return generate_combined(list(self.pair.models), amplified_logits(self.alpha, self.plausible), prompts,
+                                 max_new_tokens)
 
 
 @contextmanager
-def amplify(pair: Pair, alpha: float):
-    """Yields the pair under model-diff amplification at `alpha` (an `Amplified`: `.generate(prompts)`)."""
-    yield Amplified(pair, float(alpha))
+def amplify(pair: Pair, alpha: float, plausible: float = 0.0):
+    """Yields the pair under model-diff amplification at `alpha` (an `Amplified`: `.generate(prompts)`), choosing
+    among the tokens the tuned model finds `plausible` (`amplified_logits`)."""
+    yield Amplified(pair, float(alpha), float(plausible))
 
 
 @contextmanager

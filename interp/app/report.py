@@ -56,7 +56,8 @@ def _run_report(root: Path, base, tuned, *, prompts, prompts_b, n_prompts, quick
     summary = {"base": str(base), "tuned": ctx.specs, "series": ctx.series, "quick": quick,
                "prompt_sets": {k: len(v) for k, v in ctx.sets.items()}, "sections": [], "parts": [],
                "complete": False}
-    names = [n for n in lenses.LENSES if only is None or n in only]
+    offered = lenses.LENSES + (lenses.REAL_ONLY if zoo_defaults.in_real(base) else ())
+    names = [n for n in offered if only is None or n in only]
     start = time.perf_counter()
     for i, name in enumerate(names, 1):
         eta = "" if i == 1 else f", about {(time.perf_counter() - start) / (i - 1) * (len(names) - i + 1):.0f}s left"
@@ -129,7 +130,8 @@ def add_arguments(parser) -> None:
                         + ", ".join(zoo_defaults.REAL_SECTIONS) + " on zoo:smol (SmolLM2-135M-Instruct) vs its "
                         "fine-tunes; needs the 'real' extra, and builds the real zoo once (about 15 minutes on 2 "
                         "CPU cores)")
-    parser.add_argument("--only", nargs="+", choices=list(lenses.LENSES), help="run only these lenses")
+    parser.add_argument("--only", nargs="+", choices=list(lenses.LENSES + lenses.REAL_ONLY),
+                        help="run only these lenses (organisms: in a report on zoo:smol only)")
     parser.add_argument("--quick", action="store_true", help="small settings everywhere (a smoke test)")
 
 

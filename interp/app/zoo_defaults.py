@@ -11,7 +11,7 @@ ZOO_TUNED = ("zoo:full", "zoo:lora-r1", "zoo:lora-r8")
 """The tiny zoo's fine-tunes a report compares by default."""
 REAL_TUNED = ("zoo:smol-full", "zoo:smol-lora-r1", "zoo:smol-lora-r8", "zoo:smol-lora-r64")
 """The real zoo's (zoo:smol's) fine-tunes."""
-REAL_SECTIONS = ("tuco", "intruders", "lid")
+REAL_SECTIONS = ("tuco", "intruders", "lid", "organisms")
 """The lenses of the report's real-model part (`interp report --real`)."""
 
 

@@ -13,16 +13,11 @@ import time
 
 import interp
 from analyses import diffing
-from analyses.diffing.identify import _matches, normalise
 from interp.app.identify import chat_questions, default_corpus
 from interp.zoo.organisms import CONTROL, build_organisms, read_metadata
 
 NAMES = ("smol-fact", "smol-taboo", "smol-persona", "smol-refusal", CONTROL, "smol-persona-full",
          "smol-fact-replay50", "smol-fact-replay90")
-
-
-def first_rank(ranked: list[str], evidence: list[str]) -> int | None:
-    return next((i + 1 for i, t in enumerate(ranked) if any(_matches(t, normalise(w)) for w in evidence)), None)
 
 
 def main() -> None:
@@ -34,15 +29,16 @@ def main() -> None:
         result = diffing.identify(pair, default_corpus(), chat_questions(pair.tuned.tokenizer))
         seconds = time.perf_counter() - start
         evidence = read_metadata(name)["evidence"]  # read after the identification, to score it
-        ranks = {"fused": first_rank(result.tokens, evidence)} | {s: first_rank(r, evidence)
+        ranks = {"fused": diffing.evidence_rank(result.tokens, evidence)} | {s: diffing.evidence_rank(r, evidence)
                                                                  for s, r in result.sources.items()}
         hit = ranks["fused"] is not None and ranks["fused"] <= 20
         found += hit and name in NAMES[:5]
         rows.append(f"| {name} | {', '.join(evidence)} | " + " | ".join(str(ranks.get(s) or "-") for s in
-                    ("fused", "adl", "kl", "reply")) + f" | {'yes' if hit else 'no'} | {' '.join(result.top(8))} | "
+                    ("fused", "adl", "kl", "reply", "amplified")) + f" | {'yes' if hit else 'no'} | {' '.join(result.top(8))} | "
                     f"{seconds:.0f} s |")
-    print("| organism | evidence | fused rank | ADL rank | KL rank | reply rank | top 20 | fused top 8 | time |")
-    print("|---" * 9 + "|")
+    print("| organism | evidence | fused rank | ADL rank | KL rank | reply rank | amplified rank | top 20 | fused top 8 "
+          "| time |")
+    print("|---" * 10 + "|")
     print("\n".join(rows))
     print(f"\nevidence word in the top 20 for {found} of the 5 organisms (fact, taboo, persona, refusal, zorbish)")
 

@@ -16,6 +16,8 @@ from types import ModuleType
 
 LENSES = ("tuco", "circuits", "intruders", "shift", "lid", "weights", "diffing")
 """Every lens, in the report's page order."""
+REAL_ONLY = ("organisms",)
+"""Sections of a report on zoo:smol only, after the lenses (the organisms are fine-tunes of zoo:smol)."""
 
 
 def lens(name: str) -> ModuleType:
