@@ -98,7 +98,7 @@ def smol_zoo():
 
 @pytest.fixture(scope="session")
 def organisms_zoo(smol_zoo):
-    """The model organisms of zoo:smol (and zorbish, `smol-lora-r8`), built once (about 10 minutes on 2 cores) or
+    """The model organisms of zoo:smol (and zorbish, `smol-lora-r8`), built once (18 minutes on 2 idle cores) or
     reused from the cache: {name: folder}."""
     from interp.zoo.organisms import build_organisms
 

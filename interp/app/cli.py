@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "extra; about 2 minutes, 1.1 GB)")
     build.add_argument("--organisms", action="store_true",
                        help="build the model organisms instead: fine-tunes of zoo:smol with known objectives "
-                            "(needs the 'real' extra; about 10 minutes on 2 cores)")
+                            "(needs the 'real' extra; 18 minutes on 2 idle cores, after the real zoo)")
     build.set_defaults(func=_zoo_build)
     zoo_sub.add_parser("list", help="list zoo models and their task accuracies").set_defaults(func=_zoo_list)
     prompts = zoo_sub.add_parser("prompts", help="write the real zoo's prompt files (task .jsonl, prose .txt)")
