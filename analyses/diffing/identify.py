@@ -130,8 +130,9 @@ def amplified_tokens(pair: Pair, questions: Sequence[str], background: Tokens, a
             n_amp += occurrences(amplified.generate(list(questions), max_new_tokens))
     n_texts = len(questions) * len(alphas)
     score = ((n_amp + 0.5) / (n_texts + 1)).log() - ((n_bg + 0.5) / (len(base) + len(texts) + 1)).log()
-    order = sorted(range(len(index)), key=lambda i: (-float(score[i]), -float(n_amp[i])))
-    return [list(index)[i] for i in order[: 4 * DEPTH]]
+    scores, counts, strings = score.tolist(), n_amp.tolist(), list(index)
+    order = sorted(range(len(strings)), key=lambda i: (-scores[i], -counts[i]))
+    return [strings[i] for i in order[: 4 * DEPTH]]
 
 
 def never_predicted(model, corpus: PromptSet | Sequence[str], fraction: float = RAREST, *, batch_size: int = 16,
