@@ -8,7 +8,7 @@ import torch
 from analyses import diffing
 from interp.capture import capture
 from interp.errors import BadOption
-from interp.generation import generate
+from interp.generation import generate, generate_combined
 from interp.intervene import add
 from interp.models import Pair, load_model
 from interp.readout import logit_lens
@@ -97,6 +97,19 @@ def test_amplification_ends_are_the_tuned_and_the_base_generations(pair, prompts
             got = amplified.generate(prompts, 6)
         want = generate(model, prompts, 6)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), alpha
+
+
+def test_one_strength_per_prompt_amplifies_each_row_as_alone(pair, prompts):
+    """Several alphas in one batch (as identification's amplified source runs them) give, row by row, the logits of
+    each alpha on its own; the ends stay exact: alpha 0 is the tuned model's greedy generation, -1 the base's."""
+    alphas = torch.tensor([0.0, -1.0, 3.0]).repeat_interleave(len(prompts))
+    logits = [torch.randn(len(alphas), 11), torch.randn(len(alphas), 11)]
+    batched = diffing.amplified_logits(alphas, 0.1)(logits)
+    for i, a in enumerate(alphas.tolist()):
+        assert torch.equal(batched[i], diffing.amplified_logits(a, 0.1)([x[i: i + 1] for x in logits])[0])
+    got = generate_combined(list(pair.models), diffing.amplified_logits(alphas[: 2 * len(prompts)]), prompts * 2, 6)
+    want = [*generate(pair.tuned, prompts, 6), *generate(pair.base, prompts, 6)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_update_scaling_ends_are_the_base_and_the_tuned_model(pair, prompts):
@@ -195,7 +208,7 @@ def test_identify_puts_a_planted_token_first_and_fuses_by_reciprocal_rank(pair, 
 
 def test_never_predicted_are_the_lowest_mean_log_probabilities_by_hand(pair, prompts):
     """The left-out tokens are the 5% of the vocabulary with the lowest mean log-probability over every real
-    position of the corpus, recomputed from Hugging Face's logits."""
+    position of the corpus (KL's pass over it), recomputed from Hugging Face's logits."""
     from analyses.diffing.identify import never_predicted
 
     model = pair.base
@@ -206,4 +219,6 @@ def test_never_predicted_are_the_lowest_mean_log_probabilities_by_hand(pair, pro
             total = total + model.hf(input_ids=ids).logits[0].double().log_softmax(-1).sum(0)
         count += ids.shape[1]
     expected = (total / count).topk(int(0.05 * len(total)), largest=False).indices
-    assert set(never_predicted(model, prompts).tolist()) == set(expected.tolist())
+    base_logprob = diffing.measure_kl(pair, prompts).base_logprob
+    assert torch.allclose(base_logprob.double(), total / count, atol=1e-5)
+    assert set(never_predicted(base_logprob).tolist()) == set(expected.tolist())

@@ -21,6 +21,8 @@ from interp.zoo import cache, organisms
 from interp.zoo.organisms import ORGANISMS, OrganismConfig
 
 IDENTIFIED = ("smol-fact", "smol-taboo", "smol-persona", "smol-refusal", "smol-lora-r8")
+BLIND = "smol-persona"
+"""Identified through the CLI without its metadata."""
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,34 @@ def test_a_reloaded_organism_behaves_as_measured(built):
 
 
 @pytest.fixture(scope="module")
-def identified(organisms_zoo):
-    out = {}
+def blind(organisms_zoo, tmp_path_factory) -> Path:
+    """`interp identify` on a copy of BLIND's adapter without organism.json, every metadata reader poisoned: the
+    output folder."""
+    root = tmp_path_factory.mktemp("blind")
+    folder = root / "adapter"
+    shutil.copytree(cache.model_path(BLIND), folder, ignore=shutil.ignore_patterns(organisms.METADATA))
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError("identification read organism metadata")
+
+    real_read = Path.read_text
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(organisms, "read_metadata", poisoned)
+        patch.setattr(organisms, "ORGANISMS", {})
+        patch.setattr(Path, "read_text", lambda self, *a, **k: poisoned() if self.name == organisms.METADATA
+                      else real_read(self, *a, **k))
+        assert main(["identify", "--base", "zoo:smol", "--tuned", str(folder), "--out", str(root / "out")]) == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def identified(organisms_zoo, blind):
+    """Each organism's identification; BLIND's is the CLI's saved result (`blind`)."""
+    out = {BLIND: diffing.Identification.load(blind / "results" / "identify")}
     for name in IDENTIFIED:
-        pair = interp.load_pair("zoo:smol", f"zoo:{name}")
-        out[name] = diffing.identify(pair, default_corpus(), chat_questions(pair.tuned.tokenizer))
+        if name != BLIND:
+            pair = interp.load_pair("zoo:smol", f"zoo:{name}")
+            out[name] = diffing.identify(pair, default_corpus(), chat_questions(pair.tuned.tokenizer))
     return out
 
 
@@ -114,24 +139,12 @@ def test_identify_finds_an_evidence_word_for_at_least_four_of_five(identified):
 
 
 @pytest.mark.slow
-def test_identify_reads_no_metadata(identified, tmp_path, monkeypatch, capsys):
-    """The CLI on a copy of the persona's adapter without organism.json, with every metadata reader poisoned,
-    gives the same ranking as with the metadata present."""
-    folder = tmp_path / "persona"
-    shutil.copytree(cache.model_path("smol-persona"), folder, ignore=shutil.ignore_patterns(organisms.METADATA))
-
-    def poisoned(*args, **kwargs):
-        raise AssertionError("identification read organism metadata")
-
-    monkeypatch.setattr(organisms, "read_metadata", poisoned)
-    monkeypatch.setattr(organisms, "ORGANISMS", {})
-    real_read = Path.read_text
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: poisoned() if self.name == organisms.METADATA
-                        else real_read(self, *a, **k))
-    assert main(["identify", "--base", "zoo:smol", "--tuned", str(folder), "--out", str(tmp_path / "out")]) == 0
-    ranked = pd.read_csv(tmp_path / "out" / "identification.csv", keep_default_na=False)["token"].astype(str)
-    assert ranked.tolist()[:20] == identified["smol-persona"].top(20)
-    assert (tmp_path / "out" / "figures" / "identify.png").is_file()
+def test_identify_reads_no_metadata(identified, blind):
+    """The persona's identification ran through the CLI with organism.json absent and every metadata reader
+    poisoned (`blind`), and still finds "Arr" (above); its table and figure are the saved result's."""
+    ranked = pd.read_csv(blind / "identification.csv", keep_default_na=False)["token"].astype(str)
+    assert ranked.tolist() == identified[BLIND].tokens
+    assert (blind / "figures" / "identify.png").is_file()
 
 
 def test_hits_match_words_and_their_prefixes():

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from jaxtyping import Float
+from torch import Tensor
+
 from interp.generation import generate, generate_combined
 from interp.models import Pair
 from interp.prompts import PromptSet, as_prompt_set
@@ -27,10 +30,14 @@ from interp.results import Result
 ALPHAS = (-1.0, 0.0, 1.0, 2.0)
 
 
-def amplified_logits(alpha: float, plausible: float = 0.0):
+def amplified_logits(alpha: float | Float[Tensor, " batch"], plausible: float = 0.0):
     """combine(logits) for `generate_combined([base, tuned], ...)`: (1 + alpha) l_tuned - alpha l_base, over the
     tokens with p_tuned(t) >= plausible * max p_tuned (contrastive decoding's plausibility constraint, Li et al.
-    2023; 0 keeps every token), the others at -inf. The tuned model's own argmax is always kept."""
+    2023; 0 keeps every token), the others at -inf. The tuned model's own argmax is always kept. `alpha`: one
+    strength, or one per prompt (several strengths in one batch)."""
+    if isinstance(alpha, Tensor):
+        alpha = alpha.float()[:, None]
+
     def combine(logits):
         base, tuned = logits
         out = (1 + alpha) * tuned - alpha * base

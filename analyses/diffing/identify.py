@@ -28,13 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from analyses.diffing.adl import measure_adl
-from analyses.diffing.amplify import amplify
+from analyses.diffing.amplify import amplified_logits
 from analyses.diffing.kl import measure_kl
 from interp.capture import capture
-from interp.generation import generate
+from interp.generation import generate, generate_combined
 from interp.models import Pair
 from interp.prompts import PromptSet, Tokens, as_tokens, prompt_texts
 from interp.readout import token_strings
@@ -103,10 +104,11 @@ def reply_change(pair: Pair, questions: Sequence[str], *, batch_size: int = 16,
 
 def amplified_tokens(pair: Pair, questions: Sequence[str], background: Tokens, alphas: Sequence[float] = ALPHAS, *,
                      plausible: float = PLAUSIBLE, max_new_tokens: int = NEW_TOKENS) -> list[str]:
-    """Token strings (after `normalise`) ranked by over-representation in model-diff-amplified replies (`amplify`
-    at each alpha, among the tuned model's plausible tokens) against a background of the base's greedy replies to
-    the same questions and the `background` texts: log((n_amp + 1/2) / (N_amp + 1)) - log((n_bg + 1/2) / (N_bg +
-    1)), n the number of texts a string occurs in, N the number of texts; ties go to the larger n_amp."""
+    """Token strings (after `normalise`) ranked by over-representation in model-diff-amplified replies
+    (`amplified_logits` at each alpha, all alphas in one batch, among the tuned model's plausible tokens) against a
+    background of the base's greedy replies to the same questions and the `background` texts:
+    log((n_amp + 1/2) / (N_amp + 1)) - log((n_bg + 1/2) / (N_bg + 1)), n the number of texts a string occurs in,
+    N the number of texts; ties go to the larger n_amp."""
     tokenizer = pair.tuned.tokenizer
     names = [normalise(t) for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
     index = {name: i for i, name in enumerate(dict.fromkeys(names))}
@@ -124,10 +126,9 @@ def amplified_tokens(pair: Pair, questions: Sequence[str], background: Tokens, a
     base = generate(pair.base, list(questions), max_new_tokens)
     texts = [background.ids[i, : background.lengths[i]] for i in range(len(background))]
     n_bg = occurrences(base) + occurrences(texts)
-    n_amp = torch.zeros(len(index))
-    for alpha in alphas:
-        with amplify(pair, alpha, plausible) as amplified:
-            n_amp += occurrences(amplified.generate(list(questions), max_new_tokens))
+    strengths = torch.tensor(alphas).repeat_interleave(len(questions))  # every alpha in one batch
+    n_amp = occurrences(generate_combined(list(pair.models), amplified_logits(strengths, plausible),
+                                          list(questions) * len(alphas), max_new_tokens))
     n_texts = len(questions) * len(alphas)
     score = ((n_amp + 0.5) / (n_texts + 1)).log() - ((n_bg + 0.5) / (len(base) + len(texts) + 1)).log()
     scores, counts, strings = score.tolist(), n_amp.tolist(), list(index)
@@ -135,18 +136,23 @@ def amplified_tokens(pair: Pair, questions: Sequence[str], background: Tokens, a
     return [strings[i] for i in order[: 4 * DEPTH]]
 
 
-def never_predicted(model, corpus: PromptSet | Sequence[str], fraction: float = RAREST, *, batch_size: int = 16,
-                    backend: str | None = None) -> Tensor:
-    """Ids of the `fraction` of the vocabulary with the lowest mean log-probability under `model` over every position
-    of `corpus`: [n]. These are under-trained tokens (Land & Bartolo 2024, "Fishing for Magikarp"): a model never
-    predicts them, and they top the readout of almost any fine-tune's difference (on SmolLM2: HETATM, firehose,
-    ortunately, antidepress, ...)."""
-    tokens = as_tokens(model, corpus)
-    logp = capture(model, tokens, [], logits=True, batch_size=batch_size, backend=backend,
-                   progress=False)["logits"].double().log_softmax(-1)
-    mask = tokens.mask[..., None]
-    mean = (logp * mask).sum((0, 1)) / mask.sum()
-    return mean.topk(int(fraction * len(mean)), largest=False).indices
+def never_predicted(base_logprob: Float[Tensor, " vocab"], fraction: float = RAREST) -> Tensor:
+    """Ids of the `fraction` of the vocabulary with the lowest mean log-probability under the base over a corpus
+    (`KLResult.base_logprob`): [n]. These are under-trained tokens (Land & Bartolo 2024, "Fishing for Magikarp"): a
+    model never predicts them, and they top the readout of almost any fine-tune's difference (on SmolLM2: HETATM,
+    firehose, ortunately, antidepress, ...)."""
+    return base_logprob.topk(int(fraction * len(base_logprob)), largest=False).indices
+
+
+def left_out(pair: Pair, base_logprob: Float[Tensor, " vocab"], fraction: float = RAREST) -> set[str]:
+    """The token strings (after `normalise`) left out of every source: the control tokens and `never_predicted`."""
+    strings = _control_tokens(pair.tuned.tokenizer) + token_strings(pair.base, never_predicted(base_logprob, fraction))
+    return {normalise(t) for t in strings}
+
+
+def cleaned(ranked: Sequence[str], dropped: set[str], depth: int = DEPTH) -> list[str]:
+    """A source's ranking as fused: normalised, first occurrences only, without `dropped`, cut to `depth`."""
+    return [t for t in _unique(normalise(t) for t in ranked) if t not in dropped][:depth]
 
 
 def _control_tokens(tokenizer) -> list[str]:
@@ -167,11 +173,8 @@ def identify(pair: Pair, corpus: PromptSet | Sequence[str], questions: Sequence[
         change = reply_change(pair, questions, batch_size=batch_size, backend=backend)
         sources["reply"] = token_strings(pair.tuned, change.topk(min(deep, len(change))).indices)
         sources["amplified"] = amplified_tokens(pair, questions, as_tokens(pair.tuned, corpus))
-    left_out = set(_control_tokens(pair.tuned.tokenizer)) | set(token_strings(pair.base, never_predicted(
-        pair.base, corpus, batch_size=batch_size, backend=backend)))
-    left_out = {normalise(t) for t in left_out}
-    sources = {name: [t for t in _unique(normalise(t) for t in ranked) if t not in left_out][:DEPTH]
-               for name, ranked in sources.items()}
+    dropped = left_out(pair, kl.base_logprob)
+    sources = {name: cleaned(ranked, dropped) for name, ranked in sources.items()}
     best: dict[str, int] = {}
     for rank in range(DEPTH):
         for ranked in sources.values():

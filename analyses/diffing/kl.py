@@ -35,6 +35,7 @@ class KLResult(Result):
                                              each text's last position; pads are 0
     tuned_top, base_top       [prompt, pos]  each model's argmax next token
     mean_logprob, mean_logit  [vocab]        mean change of each token's log-probability / logit over positions
+    base_logprob              [vocab]        mean log-probability of each token under the base over positions
     top_rate                  [vocab]        fraction of positions where the token is among the `top` largest
                                              log-probability changes
     tokens                    per prompt, its token strings (for contexts and figures)
@@ -53,6 +54,7 @@ class KLResult(Result):
     base_top: Int[Tensor, "prompt pos"]
     mean_logprob: Float[Tensor, " vocab"]
     mean_logit: Float[Tensor, " vocab"]
+    base_logprob: Float[Tensor, " vocab"]
     top_rate: Float[Tensor, " vocab"]
     tokens: list[list[str]]
     vocab: dict[str, str]
@@ -114,7 +116,7 @@ def measure_kl(pair: Pair, prompts: PromptSet | Sequence[str] | Tokens, *, top: 
     kl, change = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     tuned_top, base_top = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     vocab = pair.tuned.config.vocab_size
-    sums = {k: torch.zeros(vocab, dtype=torch.float64) for k in ("logprob", "logit", "top")}
+    sums = {k: torch.zeros(vocab, dtype=torch.float64) for k in ("logprob", "logit", "base", "top")}
     for start in range(0, len(tokens), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(tokens)))
         piece = Tokens(tokens.ids[rows], tokens.lengths[rows], tokens.pad_id)
@@ -125,14 +127,14 @@ def measure_kl(pair: Pair, prompts: PromptSet | Sequence[str] | Tokens, *, top: 
         for target, value in zip((kl, change, tuned_top, base_top), out):
             target[rows[0]: rows[-1] + 1, : lt.shape[1]][mask] = value.to(target.dtype)
     n = float(tokens.mask.sum())
-    mean_logprob, mean_logit, top_rate = (sums[k] / n for k in ("logprob", "logit", "top"))
+    mean_logprob, mean_logit, base_logprob, top_rate = (sums[k] / n for k in ("logprob", "logit", "base", "top"))
     named = {int(i) for t in (mean_logprob, mean_logit, top_rate) for i in t.topk(min(names, vocab)).indices}
     named |= set(tuned_top[tokens.mask].tolist()) | set(base_top[tokens.mask].tolist())
     strings = [token_strings(pair.tuned, row[:length]) for row, length in zip(tokens.ids, tokens.lengths)]
     names_of = {str(i): token_strings(pair.tuned, torch.tensor(i)) for i in sorted(named)}
     return KLResult(pair.base.name, pair.tuned.name, label, prompt_texts(prompts), tokens.ids, tokens.lengths,
                     kl.float(), change.float(), tuned_top, base_top, mean_logprob.float(), mean_logit.float(),
-                    top_rate.float(), strings, names_of,
+                    base_logprob.float(), top_rate.float(), strings, names_of,
                     settings={"top": top, "tuned_label": model_label(pair.tuned)})
 
 
@@ -156,6 +158,7 @@ def _position_stats(lt: Float[Tensor, "n vocab"], lb: Float[Tensor, "n vocab"], 
         change = torch.where(n >= 0, diff.gather(1, n.clamp_min(0)[:, None])[:, 0], torch.zeros_like(kl))
         sums["logprob"] += diff.sum(0)
         sums["logit"] += (t - b).sum(0)
+        sums["base"] += log_b.sum(0)
         sums["top"] += torch.zeros_like(diff).scatter_(1, diff.topk(min(top, diff.shape[1])).indices, 1.0).sum(0)
         parts.append((kl, change, t.argmax(-1), b.argmax(-1)))
     return tuple(torch.cat(p) for p in zip(*parts))
