@@ -100,7 +100,13 @@ class Result:
             prefix = f"{name}."
             values[name] = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         values.update({k: v for k, v in tensors.items() if "." not in k})
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ResultNotFound(f"{folder} holds a {cls.__name__} saved by interp {meta.get('version')} without "
+                                 f"{', '.join(missing)}; run the analysis again to save it with this version")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in values.items() if k in names})
 
 

@@ -113,6 +113,20 @@ def test_result_round_trips_and_figures_redraw_identically(unrelated, tmp_path):
         assert p.read_bytes() == q.read_bytes()
 
 
+def test_a_result_saved_without_a_field_of_this_version_is_refused_with_its_name(tmp_path):
+    import json
+
+    from interp.errors import ResultNotFound
+
+    folder = tuco.AlphaSweep("tuned", [0.0, 1.0], "m", [0.1, 0.9]).save(tmp_path / "s")
+    meta = next(p for p in folder.iterdir() if p.suffix == ".json")
+    saved = json.loads(meta.read_text())
+    del saved["fields"]["metric"]
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(ResultNotFound, match="without metric; run the analysis again"):
+        tuco.AlphaSweep.load(folder)
+
+
 def test_cli_writes_results_tables_and_figures_that_redraw_identically(unrelated, model_dirs, tmp_path):
     import pandas as pd
 
