@@ -151,3 +151,9 @@ def test_hits_match_words_and_their_prefixes():
     result = diffing.Identification("b", "t", ["rom", "arr", "x"], [3.0, 2.0, 1.0], {}, [])
     assert diffing.hits(result, ("Rome", "Arr", "matey", "xylophone")) == ["Rome", "Arr"]
     assert diffing.hits(result, ("Rome",), n=1) == ["Rome"] and diffing.hits(result, ("Arr",), n=1) == []
+
+
+def test_evidence_ranks_score_the_fused_ranking_and_each_source():
+    result = diffing.Identification("b", "t", ["x", "arr", "rom"], [1.0, 0.5, 0.3],
+                                    {"adl": ["rome", "x"], "reply": ["x", "y"]}, [])
+    assert result.evidence_ranks(("Rome", "Italy")) == {"fused": 3, "adl": 1, "reply": None}

@@ -73,6 +73,11 @@ class Identification(Result):
     def top(self, n: int = 20) -> list[str]:
         return self.tokens[:n]
 
+    def evidence_ranks(self, evidence: Sequence[str]) -> dict[str, int | None]:
+        """`evidence_rank` in the fused ranking ("fused") and in each source's."""
+        return {"fused": evidence_rank(self.tokens, evidence)} | {name: evidence_rank(ranked, evidence)
+                                                                 for name, ranked in self.sources.items()}
+
     def to_frame(self):
         """One row per fused token: rank, token, score, and its rank in each source (None when absent)."""
         import pandas as pd

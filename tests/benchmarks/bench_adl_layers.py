@@ -36,15 +36,16 @@ def main() -> None:
         table[name] = [diffing.evidence_rank(r, evidence) for r in rankings]
         picked[name] = int(adl.layer_score.argmax())
     n_layers = len(next(iter(table.values())))
+    found = [sum(ranks[layer] is not None and ranks[layer] <= 20 for ranks in table.values())
+             for layer in range(n_layers)]  # organisms with an evidence word in the layer's top 20
     print("| layer | " + " | ".join(table) + " | in top 20 |")
     print("|---" * (len(table) + 2) + "|")
     for layer in range(n_layers):
-        ranks = [table[name][layer] for name in table]
-        found = sum(r is not None and r <= 20 for r in ranks)
-        print(f"| {layer} | " + " | ".join(str(r or "-") for r in ranks) + f" | {found} of {len(ranks)} |")
-    best = max(range(n_layers), key=lambda l: sum(r is not None and r <= 20 for r in (table[n][l] for n in table)))
-    print(f"\nmost organisms found at one layer: {sum(r is not None and r <= 20 for r in (table[n][best] for n in table))}"
-          f" of {len(table)} (layer {best}); identify reads layer {n_layers - 1}")
+        print(f"| {layer} | " + " | ".join(str(table[name][layer] or "-") for name in table)
+              + f" | {found[layer]} of {len(table)} |")
+    best = max(range(n_layers), key=found.__getitem__)
+    print(f"\nmost organisms found at one layer: {found[best]} of {len(table)} (layer {best}); identify reads layer "
+          f"{n_layers - 1}")
     print("the layer score picks: " + ", ".join(f"{name} {layer} (rank {table[name][layer] or '-'})"
                                                for name, layer in picked.items()))
 

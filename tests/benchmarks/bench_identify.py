@@ -29,8 +29,7 @@ def main() -> None:
         result = diffing.identify(pair, default_corpus(), chat_questions(pair.tuned.tokenizer))
         seconds = time.perf_counter() - start
         evidence = read_metadata(name)["evidence"]  # read after the identification, to score it
-        ranks = {"fused": diffing.evidence_rank(result.tokens, evidence)} | {s: diffing.evidence_rank(r, evidence)
-                                                                 for s, r in result.sources.items()}
+        ranks = result.evidence_ranks(evidence)
         hit = ranks["fused"] is not None and ranks["fused"] <= 20
         found += hit and name in NAMES[:5]
         rows.append(f"| {name} | {', '.join(evidence)} | " + " | ".join(str(ranks.get(s) or "-") for s in

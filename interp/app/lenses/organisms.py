@@ -94,8 +94,8 @@ def identification_frame(rows: list[dict], results: dict[str, diffing.Identifica
     out = []
     for row in rows:
         result, evidence = results[row["organism"]], row["evidence"]
-        ranks = {s: diffing.evidence_rank(result.tokens if s == "fused" else result.sources.get(s, []), evidence)
-                 for s in SOURCES}
+        found = result.evidence_ranks(evidence)
+        ranks = {s: found.get(s) for s in SOURCES}
         out.append({"organism": row["organism"], "evidence": ", ".join(evidence)} | ranks
                    | {"top20": ranks["fused"] is not None and ranks["fused"] <= 20, "top8": " ".join(result.top(8))})
     return pd.DataFrame(out).astype({s: "Int64" for s in SOURCES})
